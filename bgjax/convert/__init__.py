@@ -1,0 +1,1 @@
+"""Weight conversion between diffusers / original SD checkpoints and bgjax model directories."""

@@ -1,0 +1,115 @@
+"""diffusers pipeline folders <-> bgjax model directories."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bgjax import model_dir
+from bgjax.convert.checkpoint_io import find_weights, read_weights, write_json, write_safetensors
+from bgjax.convert.errors import CheckpointError
+from bgjax.convert.torch_layout import params_to_state_dict, state_dict_to_params
+from bgjax.models.components import COMPONENTS, build, param_shapes
+from bgjax.models.configs import ConfigError, read_config_json
+
+REQUIRED = ("unet", "vae", "text_encoder")
+COPIED = ("tokenizer", "scheduler")
+# Known non-weight entries, skipped with the reason recorded.
+IGNORED = {"text_encoder": {"text_model.embeddings.position_ids": "position-id buffer, recomputed"}}
+_VAE_DEPRECATED = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def canonical_state(kind: str, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Undo naming variants that diffusers / transformers still load.
+
+    transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; old diffusers
+    VAEs name their attention query/key/value/proj_attn and may store those as 1x1 convs.
+    """
+    out = {}
+    for key, value in state.items():
+        if kind == "text_encoder" and not key.startswith("text_model."):
+            key = "text_model." + key
+        if kind == "vae" and ".attentions." in key:
+            for old, new in _VAE_DEPRECATED.items():
+                key = key.replace(old, new)
+            if value.ndim == 4 and value.shape[2:] == (1, 1):
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+def convert_component(kind: str, state: Mapping[str, np.ndarray], config: dict, source: str,
+                      out: Path) -> None:
+    """One component's torch-layout state dict -> params in the bgjax model directory `out`."""
+    try:
+        module = build(kind, config)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {kind} config: {e}") from None
+    params = state_dict_to_params(canonical_state(kind, state), param_shapes(kind, module), source=source,
+                                  ignore=IGNORED.get(kind))
+    model_dir.save_component(out, kind, config, params)
+
+
+def import_diffusers(src: Path, out: Path) -> list[str]:
+    """A diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, optional
+    controlnet/) -> a bgjax model directory. Returns the converted components."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a folder")
+    missing = [k for k in REQUIRED if not (src / k).is_dir()]
+    if missing:
+        raise CheckpointError(f"{src}: not a diffusers pipeline folder (missing {', '.join(missing)}/)")
+    kinds = [k for k in COMPONENTS if (src / k).is_dir()]
+    for kind in tqdm(kinds, desc="convert", unit="component"):
+        weights = find_weights(src / kind)
+        config = read_config_json(src / kind / "config.json")
+        convert_component(kind, read_weights(weights), config, str(weights), out)
+    copy_folders(src, out)
+    if (src / "model_index.json").is_file():
+        shutil.copyfile(src / "model_index.json", out / "model_index.json")
+    model_dir.write_manifest(out, kinds, source=str(src.resolve()))
+    return kinds
+
+
+def copy_folders(src: Path, out: Path) -> None:
+    for name in COPIED:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+
+
+def export_diffusers(model: Path, out: Path) -> list[str]:
+    """A bgjax model directory -> a diffusers folder that `from_pretrained` loads key for key."""
+    model, out = Path(model), Path(out)
+    kinds = model_dir.components(model)
+    for kind in tqdm(kinds, desc="export", unit="component"):
+        _, params = model_dir.load_component(model, kind)
+        config = read_config_json(model / kind / "config.json")
+        write_json(out / kind / "config.json", config)
+        write_safetensors(out / kind / COMPONENTS[kind].weights_name, params_to_state_dict(params),
+                          metadata={"format": "pt"})
+    copy_folders(model, out)
+    index = (read_config_json(model / "model_index.json") if (model / "model_index.json").is_file()
+             else pipeline_index(model, kinds))
+    write_json(out / "model_index.json", index)
+    return kinds
+
+
+def pipeline_index(model: Path, kinds: list[str]) -> dict:
+    """A model_index.json for StableDiffusion(ControlNet)Pipeline."""
+    index = {"_class_name": "StableDiffusionControlNetPipeline" if "controlnet" in kinds
+             else "StableDiffusionPipeline", "requires_safety_checker": False,
+             "safety_checker": [None, None], "feature_extractor": [None, None]}
+    for kind in kinds:
+        library = "transformers" if kind == "text_encoder" else "diffusers"
+        index[kind] = [library, COMPONENTS[kind].diffusers_class]
+    if (model / "tokenizer").is_dir():
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    if (model / "scheduler" / "scheduler_config.json").is_file():
+        scheduler = read_config_json(model / "scheduler" / "scheduler_config.json")
+        index["scheduler"] = ["diffusers", scheduler.get("_class_name", "DDIMScheduler")]
+    return index
+

@@ -1,0 +1,69 @@
+"""The bgjax model directory: one folder per component with its config and Flax params.
+
+    MODEL/
+      bgjax.json                      format marker, components, provenance
+      unet/config.json                the diffusers config, as diffusers wrote it
+      unet/params.safetensors         Flax-layout fp32 params, keys = dotted tree paths
+      vae/ text_encoder/ controlnet/  likewise (controlnet optional)
+      tokenizer/ scheduler/           copied verbatim from the source
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from bgjax.convert.checkpoint_io import read_safetensors, write_json, write_safetensors
+from bgjax.convert.errors import CheckpointError
+from bgjax.models.components import COMPONENTS, build, param_shapes
+from bgjax.models.configs import read_config_json
+
+FORMAT = "bgjax-model"
+PARAMS_FILE = "params.safetensors"
+
+
+def _dotted(tree: dict) -> dict[str, np.ndarray]:
+    return {".".join(path): v for path, v in flatten_dict(tree).items()}
+
+
+def save_component(model_dir: Path, kind: str, config: dict, params: dict) -> None:
+    folder = Path(model_dir) / kind
+    write_json(folder / "config.json", config)
+    write_safetensors(folder / PARAMS_FILE, {k: np.asarray(v, np.float32) for k, v in _dotted(params).items()},
+                      metadata={"format": FORMAT, "component": kind})
+
+
+def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32):
+    """(module, params) of one component; params keep the stored fp32 unless cast by the caller."""
+    folder = Path(model_dir) / kind
+    module = build(kind, read_config_json(folder / "config.json"), dtype)
+    stored = read_safetensors(folder / PARAMS_FILE)
+    shapes = param_shapes(kind, module)
+    template = _dotted(shapes)
+    missing = sorted(set(template) - set(stored))
+    unexpected = sorted(set(stored) - set(template))
+    if missing or unexpected:
+        raise CheckpointError(f"{folder / PARAMS_FILE}: does not match {folder / 'config.json'}: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, want in template.items():
+        if stored[key].shape != want.shape:
+            raise CheckpointError(f"{folder / PARAMS_FILE}: key {key!r} has shape {stored[key].shape}, "
+                                  f"expected {want.shape}")
+    # Module names contain dots themselves, so the template decides where the tree nests.
+    return module, unflatten_dict({path: stored[".".join(path)] for path in flatten_dict(shapes)})
+
+
+def write_manifest(model_dir: Path, components: list[str], source: str) -> None:
+    write_json(Path(model_dir) / "bgjax.json", {"format": FORMAT, "version": 1, "components": sorted(components),
+                                                "source": source})
+
+
+def components(model_dir: Path) -> list[str]:
+    model_dir = Path(model_dir)
+    if not (model_dir / "bgjax.json").is_file():
+        raise CheckpointError(f"{model_dir}: not a bgjax model directory (no bgjax.json; "
+                              f"convert a diffusers folder with `bgjax convert` first)")
+    return [k for k in read_config_json(model_dir / "bgjax.json")["components"] if k in COMPONENTS]

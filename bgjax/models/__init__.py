@@ -1,0 +1,1 @@
+"""Flax linen models whose param trees mirror diffusers / transformers module names."""

@@ -1,0 +1,70 @@
+"""The model components of a pipeline, built from their config dicts by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bgjax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
+from bgjax.models.controlnet import ControlNetModel
+from bgjax.models.text_encoder import CLIPTextModel
+from bgjax.models.unet import UNet2DConditionModel
+from bgjax.models.vae import AutoencoderKL
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    config_cls: type
+    module_cls: type[nn.Module]
+    diffusers_class: str
+    weights_name: str  # the file name diffusers / transformers save this component under
+
+
+COMPONENTS: dict[str, Component] = {
+    "unet": Component(UNetConfig, UNet2DConditionModel, "UNet2DConditionModel",
+                      "diffusion_pytorch_model.safetensors"),
+    "controlnet": Component(UNetConfig, ControlNetModel, "ControlNetModel", "diffusion_pytorch_model.safetensors"),
+    "vae": Component(VAEConfig, AutoencoderKL, "AutoencoderKL", "diffusion_pytorch_model.safetensors"),
+    "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "CLIPTextModel", "model.safetensors"),
+}
+
+
+def build(kind: str, config: dict | Any, dtype: jnp.dtype = jnp.float32) -> nn.Module:
+    """The Flax module of `kind` for a config dict (or an already parsed config)."""
+    comp = COMPONENTS[kind]
+    if isinstance(config, dict):
+        config = comp.config_cls.from_dict(config)
+    return comp.module_cls(config, dtype=dtype)
+
+
+def example_inputs(kind: str, module: nn.Module, batch: int = 1, latent_size: int = 8) -> tuple:
+    """Smallest valid inputs for `module.init` / shape inference."""
+    cfg = module.config
+    if kind == "text_encoder":
+        return (jnp.zeros((batch, cfg.max_position_embeddings), jnp.int32),)
+    if kind == "vae":
+        return (jnp.zeros((batch, 8 * latent_size, 8 * latent_size, cfg.in_channels)),)
+    latents = jnp.zeros((batch, latent_size, latent_size, cfg.in_channels))
+    context = jnp.zeros((batch, 1, cfg.cross_attention_dim))
+    if kind == "controlnet":
+        f = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
+        cond = jnp.zeros((batch, f * latent_size, f * latent_size, cfg.conditioning_channels))
+        return latents, jnp.zeros((batch,)), context, cond
+    return latents, jnp.zeros((batch,)), context
+
+
+def _min_latent(kind: str, module: nn.Module) -> int:
+    return 1 if kind in ("text_encoder", "vae") else 2 ** (len(module.config.block_out_channels) - 1)
+
+
+def init_params(kind: str, module: nn.Module, rng: jax.Array) -> dict:
+    return module.init(rng, *example_inputs(kind, module, latent_size=_min_latent(kind, module)))["params"]
+
+
+def param_shapes(kind: str, module: nn.Module) -> dict:
+    """The param tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(kind, module, jax.random.key(0)))

@@ -1,0 +1,218 @@
+"""UNet2DConditionModel (SD-1.x / SD-2.x) in Flax linen, NHWC, with diffusers' param names.
+
+The param tree mirrors diffusers' module tree with its dotted names (`down_blocks.0`,
+`attentions.1`, `to_out.0`), so conversion is a layout transpose per leaf.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bgjax.models.attention import Attention
+from bgjax.models.configs import CROSS_ATTN_UP, UNetConfig
+from bgjax.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    conv,
+    group_norm,
+    layer_norm,
+    timestep_embedding,
+)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: `net.0.proj` to 2 x 4 x dim, exact-GELU gate, `net.2` back to dim."""
+
+    dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(nn.Dense(self.dim * 8, dtype=self.dtype, name="net.0.proj")(x), 2, axis=-1)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net.2")(h * nn.gelu(gate, approximate=False))
+
+
+class BasicTransformerBlock(nn.Module):
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        dim = self.heads * self.dim_head
+
+        def attn(name: str) -> Attention:
+            return Attention(self.heads, self.dim_head, out_dim=dim, dtype=self.dtype, name=name)
+
+        x = x + attn("attn1")(layer_norm(1e-5, name="norm1")(x), context if self.only_cross_attention else None)
+        x = x + attn("attn2")(layer_norm(1e-5, name="norm2")(x), context)
+        return x + FeedForward(dim, dtype=self.dtype, name="ff")(layer_norm(1e-5, name="norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    heads: int
+    dim_head: int
+    depth: int = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    groups: int = 32
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+        y = group_norm(self.groups, 1e-6, name="norm")(x)
+        if self.use_linear_projection:
+            y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+        else:
+            y = conv(inner, 1, padding=0, name="proj_in", dtype=self.dtype)(y).reshape(b, h * w, inner)
+        for i in range(self.depth):
+            y = BasicTransformerBlock(self.heads, self.dim_head, self.only_cross_attention, dtype=self.dtype,
+                                      name=f"transformer_blocks.{i}")(y, context)
+        if self.use_linear_projection:
+            y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
+        else:
+            y = conv(c, 1, padding=0, name="proj_out", dtype=self.dtype)(y.reshape(b, h, w, inner))
+        return y + x
+
+
+def _transformer(cfg: UNetConfig, level: int, dtype: jnp.dtype, name: str) -> Transformer2DModel:
+    channels, heads = cfg.block_out_channels[level], cfg.num_attention_heads[level]
+    return Transformer2DModel(heads, channels // heads, cfg.transformer_layers_per_block[level],
+                              cfg.use_linear_projection, cfg.only_cross_attention[level],
+                              cfg.norm_num_groups, dtype=dtype, name=name)
+
+
+def _resnet(cfg: UNetConfig, channels: int, dtype: jnp.dtype, name: str) -> ResnetBlock2D:
+    return ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dtype=dtype, name=name)
+
+
+class DownBlock2D(nn.Module):
+    """`CrossAttnDownBlock2D` when the config gives the level cross-attention, else `DownBlock2D`."""
+
+    config: UNetConfig
+    level: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        cfg, level = self.config, self.level
+        channels, skips = cfg.block_out_channels[level], []
+        for i in range(cfg.layers_per_block):
+            x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
+            if cfg.has_cross_attention(level):
+                x = _transformer(cfg, level, self.dtype, f"attentions.{i}")(x, context)
+            skips.append(x)
+        if level < len(cfg.block_out_channels) - 1:
+            x = Downsample2D(channels, cfg.downsample_padding, dtype=self.dtype, name="downsamplers.0")(x)
+            skips.append(x)
+        return x, skips
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+        cfg, channels = self.config, self.config.block_out_channels[-1]
+        x = _resnet(cfg, channels, self.dtype, "resnets.0")(x, temb)
+        x = _transformer(cfg, len(cfg.block_out_channels) - 1, self.dtype, "attentions.0")(x, context)
+        return _resnet(cfg, channels, self.dtype, "resnets.1")(x, temb)
+
+
+class UpBlock2D(nn.Module):
+    """`CrossAttnUpBlock2D` or `UpBlock2D`; `index` counts up blocks from the bottom.
+
+    Takes the `layers_per_block + 1` skips it consumes, shallowest first.
+    """
+
+    config: UNetConfig
+    index: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array) -> jax.Array:
+        cfg = self.config
+        level = len(cfg.block_out_channels) - 1 - self.index
+        channels = cfg.block_out_channels[level]
+        for i, skip in enumerate(reversed(skips)):
+            x = jnp.concatenate([x, skip], axis=-1)
+            x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
+            if cfg.up_block_types[self.index] == CROSS_ATTN_UP:
+                x = _transformer(cfg, level, self.dtype, f"attentions.{i}")(x, context)
+        if level > 0:
+            x = Upsample2D(channels, dtype=self.dtype, name="upsamplers.0")(x)
+        return x
+
+
+def check_latent_shape(cfg: UNetConfig, sample: jax.Array) -> None:
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if sample.ndim != 4 or sample.shape[1] % factor or sample.shape[2] % factor:
+        raise ValueError(f"sample: expected NHWC latents with height and width divisible by {factor}, "
+                         f"got shape {sample.shape}")
+    if sample.shape[-1] != cfg.in_channels:
+        raise ValueError(f"sample: expected {cfg.in_channels} channels (NHWC), got shape {sample.shape}")
+
+
+def encode(cfg: UNetConfig, dtype: jnp.dtype, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
+           cond_embedding: jax.Array | None = None) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """conv_in, time embedding, down blocks and mid block, shared by the UNet and ControlNet.
+
+    Must be called from inside a compact method: the submodules it creates belong to the
+    caller, which is what gives both models the same top-level names as in diffusers.
+    Returns the mid-block output, the time embedding and the skip connections.
+    """
+    check_latent_shape(cfg, sample)
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+    t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="time_embedding")(t.astype(dtype))
+    x = conv(cfg.block_out_channels[0], name="conv_in", dtype=dtype)(sample.astype(dtype))
+    if cond_embedding is not None:
+        x = x + cond_embedding
+    skips = [x]
+    for level in range(len(cfg.block_out_channels)):
+        x, level_skips = DownBlock2D(cfg, level, dtype=dtype, name=f"down_blocks.{level}")(x, temb, context)
+        skips += level_skips
+    x = UNetMidBlock2DCrossAttn(cfg, dtype=dtype, name="mid_block")(x, temb, context)
+    return x, temb, skips
+
+
+class UNet2DConditionModel(nn.Module):
+    """Predicts noise (or v) for NHWC latents; takes ControlNet residuals for skips and mid block."""
+
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        down_block_additional_residuals: list[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg, dtype = self.config, self.dtype
+        context = encoder_hidden_states.astype(dtype)
+        x, temb, skips = encode(cfg, dtype, sample, timesteps, context)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals: expected {len(skips)} residuals, "
+                                 f"got {len(down_block_additional_residuals)}")
+            skips = [s + r.astype(dtype) for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(dtype)
+        n = cfg.layers_per_block + 1
+        for i in range(len(cfg.block_out_channels)):
+            x = UpBlock2D(cfg, i, dtype=dtype, name=f"up_blocks.{i}")(x, skips[-n:], temb, context)
+            skips = skips[:-n]
+        # The head runs in fp32: 4 output channels cost nothing, and the sampler sees no bf16 rounding.
+        x = group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x)
+        return conv(cfg.out_channels, name="conv_out", dtype=jnp.float32)(nn.silu(x))

@@ -1,0 +1,138 @@
+"""AutoencoderKL (the SD VAE) in Flax, NHWC, with diffusers' param names."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bgjax.models.attention import Attention
+from bgjax.models.configs import VAEConfig
+from bgjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+
+VAE_EPS = 1e-6
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet, single-head spatial self-attention, resnet; no time embedding."""
+
+    channels: int
+    groups: int
+    add_attention: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name="resnets.0")(x)
+        if self.add_attention:
+            x = Attention(1, self.channels, qkv_bias=True, norm_groups=self.groups, norm_eps=VAE_EPS,
+                          dtype=self.dtype, name="attentions.0")(x)
+        return ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name="resnets.1")(x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    channels: int
+    num_layers: int
+    groups: int
+    add_downsample: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_layers):
+            x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets.{j}")(x)
+        if self.add_downsample:
+            x = Downsample2D(self.channels, padding=0, dtype=self.dtype, name="downsamplers.0")(x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    channels: int
+    num_layers: int
+    groups: int
+    add_upsample: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_layers):
+            x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets.{j}")(x)
+        if self.add_upsample:
+            x = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers.0")(x)
+        return x
+
+
+def _out(cfg: VAEConfig, channels: int, x: jax.Array) -> jax.Array:
+    # fp32 head, as in the UNet: pixels and latent moments carry no bf16 rounding.
+    x = nn.silu(group_norm(cfg.norm_num_groups, VAE_EPS, name="conv_norm_out")(x))
+    return conv(channels, name="conv_out", dtype=jnp.float32)(x)
+
+
+class Encoder(nn.Module):
+    config: VAEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dtype = self.config, self.dtype
+        x = conv(cfg.block_out_channels[0], name="conv_in", dtype=dtype)(x)
+        last = len(cfg.block_out_channels) - 1
+        for i, channels in enumerate(cfg.block_out_channels):
+            x = DownEncoderBlock2D(channels, cfg.layers_per_block, cfg.norm_num_groups, i < last, dtype=dtype,
+                                   name=f"down_blocks.{i}")(x)
+        x = UNetMidBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
+                           dtype=dtype, name="mid_block")(x)
+        return _out(cfg, 2 * cfg.latent_channels, x)
+
+
+class Decoder(nn.Module):
+    config: VAEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg, dtype = self.config, self.dtype
+        x = conv(cfg.block_out_channels[-1], name="conv_in", dtype=dtype)(z)
+        x = UNetMidBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
+                           dtype=dtype, name="mid_block")(x)
+        last = len(cfg.block_out_channels) - 1
+        for i, channels in enumerate(reversed(cfg.block_out_channels)):
+            x = UpDecoderBlock2D(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, i < last, dtype=dtype,
+                                 name=f"up_blocks.{i}")(x)
+        return _out(cfg, cfg.out_channels, x)
+
+
+class AutoencoderKL(nn.Module):
+    """`encode` gives the latent Gaussian's (mean, logvar); `decode` maps latents back to images.
+
+    Images are NHWC in [-1, 1]. Latents here are the VAE's raw latents: multiply by
+    `scaling_factor` (after subtracting `shift_factor`) for the diffusion model, as diffusers.
+    """
+
+    config: VAEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.encoder = Encoder(self.config, dtype=self.dtype)
+        self.decoder = Decoder(self.config, dtype=self.dtype)
+        n = 2 * self.config.latent_channels
+        self.quant_conv = conv(n, 1, padding=0, name="quant_conv", dtype=self.dtype)
+        self.post_quant_conv = conv(self.config.latent_channels, 1, padding=0, name="post_quant_conv",
+                                    dtype=self.dtype)
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        moments = self.quant_conv(self.encoder(images.astype(self.dtype)))
+        mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return self.decoder(self.post_quant_conv(latents.astype(self.dtype)))
+
+    def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """Reconstruct: the posterior mean, or a sample when `rng` is given."""
+        mean, logvar = self.encode(images)
+        return self.decode(mean if rng is None else sample_latent(rng, mean, logvar))
+
+
+def sample_latent(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)

@@ -1,0 +1,58 @@
+"""Reference PyTorch models (diffusers / transformers) with random weights, and array helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SD1_TINY = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+# SD-2 style: linear projections, per-block head counts, deeper transformers, 3 levels.
+SD2_TINY = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 48, 64), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=40, attention_head_dim=(2, 3, 4), use_linear_projection=True,
+                transformer_layers_per_block=(1, 2, 1), norm_num_groups=16, upcast_attention=True)
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8)
+VAE_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=16, sample_size=32)
+CLIP_SD1_TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_SD2_TINY = dict(CLIP_SD1_TINY, hidden_act="gelu", num_hidden_layers=3)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Random weights everywhere (zero-initialised ControlNet convs too), deterministic per seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + scale * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def nchw(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).transpose(0, 3, 1, 2)
+
+
+def nhwc(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    x = x.detach().numpy() if isinstance(x, torch.Tensor) else x
+    return np.asarray(x, np.float32).transpose(0, 2, 3, 1)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
