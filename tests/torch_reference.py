@@ -24,7 +24,8 @@ VAE_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                 layers_per_block=1, norm_num_groups=16, sample_size=32)
 CLIP_SD1_TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+                     num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                     bos_token_id=512, eos_token_id=513, pad_token_id=513)
 CLIP_SD2_TINY = dict(CLIP_SD1_TINY, hidden_act="gelu", num_hidden_layers=3)
 
 

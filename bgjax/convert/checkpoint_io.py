@@ -37,8 +37,13 @@ def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors, which "
-                              f"bgjax never executes ({str(e).splitlines()[0]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        blocked = next((line for line in lines if "GLOBAL" in line), None)
+        if blocked:
+            raise CheckpointError(f"{path}: refused: the file holds pickled code, which bgjax never runs "
+                                  f"({blocked})") from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -62,7 +62,7 @@ def import_diffusers(src: Path, out: Path) -> list[str]:
         raise CheckpointError(f"{src}: not a folder")
     missing = [k for k in REQUIRED if not (src / k).is_dir()]
     if missing:
-        raise CheckpointError(f"{src}: not a diffusers pipeline folder (missing {', '.join(missing)}/)")
+        raise CheckpointError(f"{src}: not a diffusers pipeline folder (missing {', '.join(m + '/' for m in missing)})")
     kinds = [k for k in COMPONENTS if (src / k).is_dir()]
     for kind in tqdm(kinds, desc="convert", unit="component"):
         weights = find_weights(src / kind)

@@ -1,0 +1,65 @@
+"""Single-file original SD checkpoints (.safetensors / .ckpt, CompVis layout) -> bgjax model directories."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from bgjax import model_dir
+from bgjax.convert.checkpoint_io import read_weights, write_json
+from bgjax.convert.diffusers_folder import REQUIRED, convert_component
+from bgjax.convert.errors import CheckpointError
+from bgjax.convert.ldm import split_ldm_checkpoint
+from bgjax.models.configs import read_config_json
+
+_log = logging.getLogger(__name__)
+_CLASS_NAMES = {"unet": {"_class_name": "UNet2DConditionModel"}, "vae": {"_class_name": "AutoencoderKL"},
+                "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}}
+
+
+def default_scheduler_config(prediction_type: str) -> dict:
+    """The noise schedule every SD-1.x / SD-2.x model was trained with."""
+    return {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+            "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+            "steps_offset": 1, "prediction_type": prediction_type}
+
+
+def import_single_file(path: Path, out: Path, config_dir: str | Path | None = None,
+                       tokenizer: str | Path | None = None, prediction_type: str = "epsilon") -> list[str]:
+    """Convert one checkpoint file. `config_dir` (a diffusers folder) supplies the component configs,
+    which otherwise are inferred from the weights with SD-1/SD-2 head counts. Keys that are not
+    model weights (noise-schedule buffers, EMA copies, VAE loss nets) are listed with their reason
+    in `conversion_report.json`; any other unmapped key is an error."""
+    path, out = Path(path), Path(out)
+    config_dir = Path(config_dir) if config_dir else None
+    configs = {}
+    if config_dir is not None:
+        configs = {k: read_config_json(config_dir / k / "config.json") for k in REQUIRED
+                   if (config_dir / k / "config.json").is_file()}
+    ckpt = split_ldm_checkpoint(read_weights(path), configs)
+    missing = [k for k in REQUIRED if k not in ckpt.components]
+    if missing:
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no {', '.join(missing)} weights "
+                              f"(found {', '.join(ckpt.components) or 'none'})")
+    for kind in tqdm(REQUIRED, desc="convert", unit="component"):
+        config = {**_CLASS_NAMES[kind], **ckpt.configs[kind]}
+        convert_component(kind, ckpt.components[kind], config, f"{path} [{kind}]", out)
+
+    tokenizer = Path(tokenizer) if tokenizer else (config_dir / "tokenizer" if config_dir else None)
+    if tokenizer is not None and tokenizer.is_dir():
+        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+    else:
+        _log.warning("%s: no tokenizer given (--tokenizer DIR); the model cannot encode prompts until "
+                     "one is copied to %s/tokenizer", path, out)
+    if config_dir is not None and (config_dir / "scheduler").is_dir():
+        shutil.copytree(config_dir / "scheduler", out / "scheduler", dirs_exist_ok=True)
+    else:
+        write_json(out / "scheduler" / "scheduler_config.json", default_scheduler_config(prediction_type))
+    write_json(out / "conversion_report.json", {
+        "source": str(path.resolve()), "text_encoder": ckpt.text_encoder_kind,
+        "ignored": [{"key": k, "reason": r} for k, r in ckpt.ignored]})
+    model_dir.write_manifest(out, list(REQUIRED), source=str(path.resolve()))
+    return list(REQUIRED)

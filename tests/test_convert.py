@@ -1,0 +1,146 @@
+"""diffusers folder -> bgjax model dir -> diffusers folder, and every way a checkpoint can be bad."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+from safetensors.numpy import load_file, save_file
+from transformers import CLIPTextModel
+
+from bgjax import model_dir
+from bgjax.cli import main
+from bgjax.convert.checkpoint_io import read_weights
+from bgjax.convert.errors import CheckpointError
+from tests.torch_reference import state_dict
+
+LOADERS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "controlnet": ControlNetModel,
+           "text_encoder": CLIPTextModel}
+
+
+def run_cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_diffusers_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bgjax_model")
+    assert run_cli("convert", tiny_diffusers_dir, "--out", out) == 0
+    return out
+
+
+def test_round_trip_is_identical_and_loads_without_key_warnings(converted, tiny_models, tmp_path):
+    assert sorted(model_dir.components(converted)) == ["controlnet", "text_encoder", "unet", "vae"]
+    assert run_cli("export", converted, "--out", tmp_path / "exported") == 0
+    for kind, original in tiny_models.items():
+        loaded, info = LOADERS[kind].from_pretrained(tmp_path / "exported" / kind, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (kind, info)
+        want, got = state_dict(original), state_dict(loaded)
+        assert want.keys() == got.keys(), kind
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{kind}: {key}")
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "exported", safety_checker=None)
+    assert pipe.tokenizer("a rice cooker").input_ids[0] == pipe.tokenizer.bos_token_id
+
+
+def test_converted_model_dir_loads_with_the_stored_shapes(converted):
+    module, params = model_dir.load_component(converted, "unet")
+    assert params["conv_in"]["kernel"].shape == (3, 3, 4, 32)  # HWIO
+    assert params["down_blocks.0"]["attentions.0"]["transformer_blocks.0"]["attn1"]["to_q"]["kernel"].shape == (32, 32)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_unet(folder: Path, edit) -> Path:
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.pop("conv_in.weight"), r"missing keys 'conv_in.weight'"),
+        (lambda t: t.update({"mystery.weight": np.zeros(3, np.float32)}), r"unexpected keys 'mystery.weight'"),
+        (lambda t: t.update({"conv_in.weight": np.zeros((32, 4, 5, 5), np.float32)}),
+         r"key 'conv_in.weight' has shape \(32, 4, 5, 5\), expected \(32, 4, 3, 3\)"),
+    ],
+    ids=["missing", "unexpected", "wrong-shape"],
+)
+def test_bad_keys_are_named(tiny_diffusers_dir, tmp_path, edit, message, capsys):
+    src = _copy(tiny_diffusers_dir, tmp_path / "src")
+    path = _edit_unet(src, edit)
+    with pytest.raises(CheckpointError, match=message) as err:
+        from bgjax.convert.diffusers_folder import import_diffusers
+
+        import_diffusers(src, tmp_path / "out")
+    assert str(path) in str(err.value)
+    assert run_cli("convert", src, "--out", tmp_path / "out2") == 2
+    assert str(path) in capsys.readouterr().err
+
+
+def test_truncated_and_non_checkpoint_files(tiny_diffusers_dir, tmp_path):
+    path = tiny_diffusers_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors file"):
+        read_weights(cut)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.safetensors: not a readable safetensors file"):
+        read_weights(text)
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="junk.ckpt: not a readable PyTorch checkpoint"):
+        read_weights(junk)
+    other = tmp_path / "weights.npz"
+    other.write_bytes(b"PK")
+    with pytest.raises(CheckpointError, match="weights.npz: unknown weights format"):
+        read_weights(other)
+
+
+class _Payload:
+    """Unpickling this would create a marker file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_ckpt_with_pickled_callable_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _Payload(str(marker))}, ckpt)
+    with pytest.raises(CheckpointError, match="evil.ckpt: refused"):
+        read_weights(ckpt)
+    assert not marker.exists()
+
+
+def test_plain_ckpt_reads_like_safetensors(tmp_path):
+    ckpt = tmp_path / "ok.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4.0), "h": torch.ones(2, dtype=torch.bfloat16)}}, ckpt)
+    got = read_weights(ckpt)
+    np.testing.assert_array_equal(got["w"], np.arange(4.0, dtype=np.float32))
+    assert got["h"].dtype == np.float32
+
+
+def test_cli_reports_missing_folder_parts(tmp_path, capsys):
+    (tmp_path / "src" / "unet").mkdir(parents=True)
+    assert run_cli("convert", tmp_path / "src", "--out", tmp_path / "out") == 2
+    assert "missing vae/, text_encoder/" in capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
+    assert run_cli("export", tmp_path, "--out", tmp_path / "out") == 2
+    assert "not a bgjax model directory" in capsys.readouterr().err

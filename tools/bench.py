@@ -1,0 +1,308 @@
+"""Benchmark bgjax against the diffusers (PyTorch) peer, side by side in one run, on one device.
+
+Workloads (random weights, SD-1.5 shapes at 512 px unless --size tiny):
+  denoise   UNet + ControlNet, classifier-free guidance (batch doubled), bf16, batch 8
+  train     ControlNet training step, batch 16, UNet frozen in bf16, ControlNet fp32 master
+            weights with bf16 compute, AdamW
+  vae       VAE decode, batch 8, bf16
+  attention cuDNN vs XLA fused attention at 4096 tokens, 8 heads of 40, batch 16 (GPU only),
+            with the relative difference between the two paths
+
+Prints one JSON line per measurement (`side`: bgjax or peer) and a table at the end.
+FLOPs per image forward are the torch FLOP counter's figures at SD-1.5 shapes
+(UNet 803.3 G, ControlNet 283.3 G); at --size tiny XLA's cost analysis is used instead.
+
+    python tools/bench.py                       # SD-1.5 shapes, bgjax and (if importable) diffusers
+    python tools/bench.py --size tiny --no-peer # seconds on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 32, 64, 64), sample_size=16, norm_num_groups=8,
+                 attention_head_dim=4)
+TINY_VAE = dict(SD15_VAE, block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8)
+
+RESULTS: list[dict] = []
+
+
+def emit(**kw) -> None:
+    RESULTS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def median_time(fn, sync, warm: int, reps: int) -> float:
+    for _ in range(warm):
+        sync(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- bgjax
+def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from bgjax.models.attention import dot_product_attention, set_attention_implementation
+    from bgjax.models.components import build, init_params
+    from bgjax.models.controlnet import controlnet_params_from_unet
+
+    set_attention_implementation(args.attention)
+    bf16 = jnp.bfloat16
+    sync = jax.block_until_ready
+    emit(side="bgjax", what="device", jax=jax.__version__, device=str(jax.devices()[0].device_kind))
+    unet, cnet = build("unet", unet_cfg, bf16), build("controlnet", unet_cfg, bf16)
+    k = jax.random.key(0)
+    unet_params = jax.jit(lambda k: init_params("unet", unet, k))(k)
+    cn_params = controlnet_params_from_unet(unet_params, jax.jit(lambda k: init_params("controlnet", cnet, k))(k))
+    unet_bf16 = jax.tree_util.tree_map(lambda p: p.astype(bf16), unet_params)
+    del unet_params
+    n_ctx = 77
+
+    def inputs(b, dtype):
+        ks = jax.random.split(jax.random.key(1), 4)
+        return (jax.random.normal(ks[0], (b, latent, latent, 4), dtype),
+                jax.random.randint(ks[1], (b,), 0, 1000),
+                jax.random.normal(ks[2], (b, n_ctx, 768), dtype),
+                jax.random.normal(ks[3], (b, 8 * latent, 8 * latent, 3), dtype))
+
+    def flops_of(compiled) -> float:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("flops", 0.0))
+
+    if "train" in args.what:
+        b = args.train_batch
+        x, t, ctx, cond = inputs(b, jnp.float32)
+        noise = jax.random.normal(jax.random.key(2), x.shape)
+        opt = optax.adamw(1e-5)
+        opt_state = opt.init(cn_params)
+
+        def loss_fn(cp, up):
+            down, mid = cnet.apply({"params": cp}, x, t, ctx, cond)
+            pred = unet.apply({"params": up}, x, t, ctx, down, mid)
+            return jnp.mean((pred.astype(jnp.float32) - noise) ** 2)
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(cp, os_, up):
+            loss, grads = jax.value_and_grad(loss_fn)(cp, up)
+            updates, os_ = opt.update(grads, os_, cp)
+            return optax.apply_updates(cp, updates), os_, loss
+
+        t0 = time.perf_counter()
+        compiled = step.lower(cn_params, opt_state, unet_bf16).compile()
+        compile_s = time.perf_counter() - t0
+        state = [cn_params, opt_state]
+
+        def run():
+            state[0], state[1], loss = compiled(state[0], state[1], unet_bf16)
+            return loss
+
+        dt = median_time(run, sync, 3, args.reps)
+        fl = b * 3 * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) if args.size == "sd15" else flops_of(compiled)
+        mem = compiled.memory_analysis()
+        emit(side="bgjax", what="train_controlnet_step", batch=b, s_per_step=dt, img_per_s=b / dt,
+             tflops=fl / dt / 1e12, compile_s=compile_s,
+             temp_gb=getattr(mem, "temp_size_in_bytes", 0) / 2**30)
+        cn_params = state[0]
+        del state, opt_state, compiled
+
+    cn_bf16 = jax.tree_util.tree_map(lambda p: p.astype(bf16), cn_params)
+    if "denoise" in args.what:
+        b = args.infer_batch
+        x, t, ctx, cond = inputs(2 * b, bf16)
+
+        @jax.jit
+        def denoise(up, cp, x, t, ctx, cond):
+            down, mid = cnet.apply({"params": cp}, x, t, ctx, cond)
+            eps = unet.apply({"params": up}, x, t, ctx, down, mid)
+            uncond, text = jnp.split(eps, 2)
+            return uncond + 7.5 * (text - uncond)
+
+        t0 = time.perf_counter()
+        compiled = denoise.lower(unet_bf16, cn_bf16, x, t, ctx, cond).compile()
+        compile_s = time.perf_counter() - t0
+        dt = median_time(lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond), sync, 3, args.reps)
+        fl = 2 * b * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) if args.size == "sd15" else flops_of(compiled)
+        emit(side="bgjax", what="denoise_step_cfg", batch=b, s_per_step=dt, img_per_s_25steps=b / (25 * dt),
+             tflops=fl / dt / 1e12, compile_s=compile_s)
+
+    if "vae" in args.what:
+        vae = build("vae", vae_cfg, bf16)
+        vae_params = jax.jit(lambda k: init_params("vae", vae, k))(k)
+        vae_params = jax.tree_util.tree_map(lambda p: p.astype(bf16), vae_params)
+        z = jax.random.normal(k, (args.infer_batch, latent, latent, 4), bf16)
+        decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode)).lower(vae_params, z).compile()
+        dt = median_time(lambda: decode(vae_params, z), sync, 2, max(3, args.reps // 2))
+        emit(side="bgjax", what="vae_decode", batch=args.infer_batch, s=dt)
+
+    if "attention" in args.what and jax.default_backend() == "gpu":
+        shape = (16, 4096, 8, 40)
+        q, kk, v = (jax.random.normal(jax.random.key(i), shape, bf16) for i in range(3))
+        outs = {}
+        for impl in ("xla", "cudnn"):
+            f = jax.jit(functools.partial(dot_product_attention, implementation=impl))
+            outs[impl] = f(q, kk, v)
+            dt = median_time(lambda f=f: f(q, kk, v), sync, 3, args.reps)
+            emit(side="bgjax", what="attention", impl=impl, shape=list(shape), ms=dt * 1e3,
+                 tflops=4 * 16 * 8 * 4096 * 4096 * 40 / dt / 1e12)
+        a, b_ = (outs[i].astype(jnp.float32) for i in ("cudnn", "xla"))
+        emit(side="bgjax", what="attention_agreement", rel_err=float(jnp.linalg.norm(a - b_) / jnp.linalg.norm(b_)))
+
+
+# ---------------------------------------------------------------- peer (diffusers + PyTorch)
+def bench_peer(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    def sync(_):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_cfg).to(dev)
+    cnet = ControlNetModel.from_unet(unet).to(dev)
+    emit(side="peer", what="device", torch=torch.__version__,
+         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu")
+
+    def inputs(b, dtype):
+        return (torch.randn(b, 4, latent, latent, device=dev, dtype=dtype),
+                torch.randint(0, 1000, (b,), device=dev),
+                torch.randn(b, 77, 768, device=dev, dtype=dtype),
+                torch.randn(b, 3, 8 * latent, 8 * latent, device=dev, dtype=dtype))
+
+    uf, cf = UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15
+    if args.size != "sd15":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x, t, c, img = inputs(1, torch.float32)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            unet(x, t, c)
+        uf = fc.get_total_flops()
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            cnet(x, t, c, controlnet_cond=img)
+        cf = fc.get_total_flops()
+
+    unet_bf = unet.to(torch.bfloat16).requires_grad_(False)
+    if "train" in args.what:
+        b = args.train_batch
+        cnet.train()
+        opt = torch.optim.AdamW(cnet.parameters(), lr=1e-5)
+        x, t, c, img = inputs(b, torch.float32)
+        noise = torch.randn_like(x)
+
+        def step():
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                down, mid = cnet(x, t, c, controlnet_cond=img, return_dict=False)
+                pred = unet_bf(x, t, c, down_block_additional_residuals=[d.to(torch.bfloat16) for d in down],
+                               mid_block_additional_residual=mid.to(torch.bfloat16)).sample
+                loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        dt = median_time(step, sync, 3, args.reps)
+        emit(side="peer", what="train_controlnet_step", batch=b, s_per_step=dt, img_per_s=b / dt,
+             tflops=b * 3 * (uf + cf) / dt / 1e12)
+        del opt
+    cnet_bf = cnet.to(torch.bfloat16).eval()
+
+    def denoiser(u, cn, b):
+        x, t, c, img = inputs(2 * b, torch.bfloat16)
+
+        @torch.inference_mode()
+        def one():
+            down, mid = cn(x, t, c, controlnet_cond=img, return_dict=False)
+            eps = u(x, t, c, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            uncond, text = eps.chunk(2)
+            return uncond + 7.5 * (text - uncond)
+        return one
+
+    if "denoise" in args.what:
+        b = args.infer_batch
+        dt = median_time(denoiser(unet_bf, cnet_bf, b), sync, 3, args.reps)
+        emit(side="peer", what="denoise_step_cfg", impl="eager", batch=b, s_per_step=dt,
+             img_per_s_25steps=b / (25 * dt), tflops=2 * b * (uf + cf) / dt / 1e12)
+        if args.torch_compile:
+            t0 = time.perf_counter()
+            one = denoiser(torch.compile(unet_bf), torch.compile(cnet_bf), b)
+            sync(one())
+            compile_s = time.perf_counter() - t0
+            dt = median_time(one, sync, 3, args.reps)
+            emit(side="peer", what="denoise_step_cfg", impl="torch.compile", batch=b, s_per_step=dt,
+                 img_per_s_25steps=b / (25 * dt), tflops=2 * b * (uf + cf) / dt / 1e12, compile_s=compile_s)
+
+    if "vae" in args.what:
+        vae = AutoencoderKL(**vae_cfg).to(dev, torch.bfloat16).eval()
+        z = torch.randn(args.infer_batch, 4, latent, latent, device=dev, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            dt = median_time(lambda: vae.decode(z).sample, sync, 2, max(3, args.reps // 2))
+        emit(side="peer", what="vae_decode", batch=args.infer_batch, s=dt)
+
+
+def table() -> str:
+    rows = ["| workload | side | time | throughput |", "| --- | --- | --- | --- |"]
+    for r in RESULTS:
+        if r["what"] in ("train_controlnet_step", "denoise_step_cfg"):
+            thr = (f"{r['img_per_s']:.1f} img/s" if "img_per_s" in r else f"{r['img_per_s_25steps']:.2f} img/s @25")
+            name = r["what"] + (f" ({r['impl']})" if "impl" in r else "") + f" B={r['batch']}"
+            rows.append(f"| {name} | {r['side']} | {r['s_per_step'] * 1e3:.1f} ms | {thr}, {r['tflops']:.3g} TFLOP/s |")
+        elif r["what"] == "vae_decode":
+            rows.append(f"| vae_decode B={r['batch']} | {r['side']} | {r['s'] * 1e3:.1f} ms | |")
+        elif r["what"] == "attention":
+            rows.append(f"| attention {r['impl']} | {r['side']} | {r['ms']:.2f} ms | {r['tflops']:.0f} TFLOP/s |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
+    p.add_argument("--what", default="train,denoise,vae,attention")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--infer-batch", type=int, default=8)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                   help="bgjax attention implementation inside the models")
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers side")
+    p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    p.add_argument("--no-bgjax", dest="bgjax", action="store_false", help="only the diffusers side")
+    args = p.parse_args()
+    unet_cfg, vae_cfg, latent = (SD15_UNET, SD15_VAE, 64) if args.size == "sd15" else (TINY_UNET, TINY_VAE, 16)
+    if args.bgjax:
+        bench_bgjax(args, unet_cfg, vae_cfg, latent)
+    if args.peer:
+        try:
+            import diffusers  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as e:
+            emit(side="peer", what="skipped", reason=str(e))
+        else:
+            bench_peer(args, unet_cfg, vae_cfg, latent)
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
