@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,39 @@ def test_cli_reports_missing_folder_parts(tmp_path, capsys):
 def test_export_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert run_cli("export", tmp_path, "--out", tmp_path / "out") == 2
     assert "not a bgjax model directory" in capsys.readouterr().err
+
+
+def _single_file_of(models: dict, path: Path) -> Path:
+    from bgjax.convert.ldm import diffusers_to_ldm
+
+    ldm = diffusers_to_ldm(state_dict(models["unet"]), state_dict(models["vae"]), state_dict(models["text_encoder"]),
+                           dict(models["unet"].config), dict(models["vae"].config))
+    ldm["alphas_cumprod"] = np.linspace(1, 0, 1000, dtype=np.float32)  # a schedule buffer, as real files carry
+    save_file(ldm, path)
+    return path
+
+
+def test_single_file_and_diffusers_folder_import_to_identical_params(tiny_diffusers_dir, tiny_models, converted,
+                                                                     tmp_path):
+    single = _single_file_of(tiny_models, tmp_path / "sd.safetensors")
+    out = tmp_path / "from_single"
+    # Head counts cannot be read from shapes: the tiny model's configs come from --config.
+    assert run_cli("convert", single, "--out", out, "--config", tiny_diffusers_dir) == 0
+    for kind in ("unet", "vae", "text_encoder"):
+        _, want = model_dir.load_component(converted, kind)
+        _, got = model_dir.load_component(out, kind)
+        flat_want, flat_got = (dict(jax.tree_util.tree_leaves_with_path(t)) for t in (want, got))
+        assert flat_want.keys() == flat_got.keys(), kind
+        for path, value in flat_want.items():
+            np.testing.assert_array_equal(flat_got[path], value, err_msg=f"{kind} {path}")
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert {"key": "alphas_cumprod", "reason": report["ignored"][0]["reason"]} in report["ignored"]
+    assert (out / "tokenizer" / "vocab.json").is_file()
+
+
+def test_single_file_without_a_unet_is_rejected(tiny_models, tmp_path, capsys):
+    single = _single_file_of(tiny_models, tmp_path / "sd.safetensors")
+    tensors = {k: v for k, v in load_file(single).items() if not k.startswith("model.diffusion_model.")}
+    save_file(tensors, single)
+    assert run_cli("convert", single, "--out", tmp_path / "out") == 2
+    assert "not a Stable Diffusion checkpoint: no unet weights" in capsys.readouterr().err

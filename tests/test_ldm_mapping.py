@@ -7,16 +7,13 @@ import types
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from diffusers.loaders import single_file_utils as sfu  # noqa: E402
-
-from bgjax.convert.errors import CheckpointError  # noqa: E402
-from bgjax.convert.ldm import (  # noqa: E402
+from bgjax.convert.errors import CheckpointError
+from bgjax.convert.ldm import (
     diffusers_to_ldm,
     infer_configs,
     split_ldm_checkpoint,
@@ -60,9 +57,13 @@ def _text_model(act: str = "quick_gelu") -> transformers.CLIPTextModel:
     return transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT, hidden_act=act))
 
 
-def _text_state(model: transformers.CLIPTextModel) -> dict[str, np.ndarray]:
+def _text_state_of(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     # transformers >= 5.6 saves CLIPTextModel without the `text_model.` prefix; the mapping uses it.
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in _numpy(model).items()}
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
+
+
+def _text_state(model: transformers.CLIPTextModel) -> dict[str, np.ndarray]:
+    return _text_state_of(_numpy(model))
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -243,3 +244,102 @@ def test_open_clip_unmappable_key_is_named():
     key = "cond_stage_model.model.transformer.resblocks.0.mlp.c_gate.weight"
     with pytest.raises(CheckpointError, match=re.escape(repr(key))):
         split_ldm_checkpoint({**state, key: np.zeros((4, 4))})
+
+
+# ---------------------------------------------------------------------------------------- full-size layouts
+# Real SD shapes on the meta device / as zero-stride numpy views: keys and shapes only, no memory.
+
+SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                 attention_head_dim=8)
+SD21_UNET = dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+                 attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77)
+OPEN_CLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                   num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    zero = np.zeros((), np.float32)
+    return {k: np.broadcast_to(zero, v.shape) for k, v in module.state_dict().items()}
+
+
+def _meta(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
+
+
+def _assert_same_shapes(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert tuple(got[key].shape) == tuple(value.shape), key
+
+
+def test_sd15_full_size_layout():
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD_VAE)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_L))
+    u, v, t = _shapes(unet), _shapes(vae), _text_state_of(_shapes(text))
+    ldm = diffusers_to_ldm(u, v, t, dict(unet.config), dict(vae.config))
+    assert len(ldm) == 686 + 248 + 196
+    assert sfu.infer_diffusers_model_type(ldm) == "v1"
+    for key in ("input_blocks.3.0.op.weight", "input_blocks.11.0.out_layers.3.weight",
+                "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+                "output_blocks.8.2.conv.weight",
+                "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "middle_block.1.proj_in.weight"):
+        assert "model.diffusion_model." + key in ldm, key
+    _assert_same_shapes(sfu.convert_ldm_unet_checkpoint(_meta(ldm), dict(unet.config)), u)
+    _assert_same_shapes(sfu.convert_ldm_vae_checkpoint(_meta(ldm), dict(vae.config)), v)
+
+    configs = infer_configs(ldm)
+    for field, want in SD15_UNET.items():
+        if field != "sample_size":
+            assert configs["unet"][field] == (list(want) if isinstance(want, tuple) else want), field
+    assert configs["unet"]["down_block_types"] == list(unet.config.down_block_types)
+    assert configs["unet"]["up_block_types"] == list(unet.config.up_block_types)
+    assert configs["vae"]["block_out_channels"] == list(SD_VAE["block_out_channels"])
+    assert {k: configs["text_encoder"][k] for k in CLIP_L} == CLIP_L
+    split = split_ldm_checkpoint(ldm)
+    _assert_same_shapes(split.components["unet"], u)
+    _assert_same_shapes(split.components["vae"], v)
+    _assert_same_shapes(split.components["text_encoder"], t)
+
+
+def test_sd21_full_size_layout():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**OPEN_CLIP_H))
+    u, t = _shapes(unet), _text_state_of(_shapes(text))
+    ldm = diffusers_to_ldm(u, {}, {}, dict(unet.config), SD_VAE)
+    # The real SD-2 text tower: 24 resblocks, of which diffusers keeps 23.
+    p, width = "cond_stage_model.model.", OPEN_CLIP_H["hidden_size"]
+    zero = np.zeros((), np.float32)
+    ldm.update({p + "token_embedding.weight": np.broadcast_to(zero, (49408, width)),
+                p + "positional_embedding": np.broadcast_to(zero, (77, width)),
+                p + "ln_final.weight": np.broadcast_to(zero, (width,)),
+                p + "ln_final.bias": np.broadcast_to(zero, (width,)),
+                p + "text_projection": np.broadcast_to(zero, (width, width)),
+                p + "logit_scale": np.broadcast_to(zero, ())})
+    for i in range(24):
+        b = f"{p}transformer.resblocks.{i}."
+        for name, shape in (("attn.in_proj_weight", (3 * width, width)), ("attn.in_proj_bias", (3 * width,)),
+                            ("attn.out_proj.weight", (width, width)), ("attn.out_proj.bias", (width,)),
+                            ("ln_1.weight", (width,)), ("ln_1.bias", (width,)), ("ln_2.weight", (width,)),
+                            ("ln_2.bias", (width,)), ("mlp.c_fc.weight", (4 * width, width)),
+                            ("mlp.c_fc.bias", (4 * width,)), ("mlp.c_proj.weight", (width, 4 * width)),
+                            ("mlp.c_proj.bias", (width,))):
+            ldm[b + name] = np.broadcast_to(zero, shape)
+
+    configs = infer_configs(ldm)
+    assert configs["unet"]["attention_head_dim"] == [5, 10, 20, 20]
+    assert configs["unet"]["use_linear_projection"] is True
+    assert configs["unet"]["cross_attention_dim"] == 1024
+    assert {k: configs["text_encoder"][k] for k in OPEN_CLIP_H} == OPEN_CLIP_H
+    split = split_ldm_checkpoint(ldm)
+    _assert_same_shapes(split.components["unet"], u)
+    _assert_same_shapes(split.components["text_encoder"], t)
+    assert len([k for k, _ in split.ignored if ".resblocks.23." in k]) == 12
+    # Here diffusers' hard-coded `resblocks.23` drop matches, so its output is the full reference.
+    ref = sfu.convert_open_clip_checkpoint(text, _meta(ldm))
+    _assert_same_shapes(ref, t)

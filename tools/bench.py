@@ -156,17 +156,24 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
         emit(side="bgjax", what="vae_decode", batch=args.infer_batch, s=dt)
 
     if "attention" in args.what and jax.default_backend() == "gpu":
-        shape = (16, 4096, 8, 40)
-        q, kk, v = (jax.random.normal(jax.random.key(i), shape, bf16) for i in range(3))
-        outs = {}
-        for impl in ("xla", "cudnn"):
-            f = jax.jit(functools.partial(dot_product_attention, implementation=impl))
-            outs[impl] = f(q, kk, v)
-            dt = median_time(lambda f=f: f(q, kk, v), sync, 3, args.reps)
-            emit(side="bgjax", what="attention", impl=impl, shape=list(shape), ms=dt * 1e3,
-                 tflops=4 * 16 * 8 * 4096 * 4096 * 40 / dt / 1e12)
-        a, b_ = (outs[i].astype(jnp.float32) for i in ("cudnn", "xla"))
-        emit(side="bgjax", what="attention_agreement", rel_err=float(jnp.linalg.norm(a - b_) / jnp.linalg.norm(b_)))
+        # SD-1.5's attention shapes at B=16: self-attention at 64x64, cross-attention to 77
+        # tokens (padded for cuDNN), and the 160-wide heads of the 1280-channel level.
+        for name, q_shape, kv_len in (("self_4096_h40", (16, 4096, 8, 40), 4096),
+                                      ("cross_4096_kv77", (16, 4096, 8, 40), 77),
+                                      ("self_256_h160", (16, 256, 8, 160), 256)):
+            ks = jax.random.split(jax.random.key(3), 3)
+            kv_shape = (q_shape[0], kv_len, *q_shape[2:])
+            q, kk, v = (jax.random.normal(key, shape, bf16)
+                        for key, shape in zip(ks, (q_shape, kv_shape, kv_shape), strict=True))
+            outs = {}
+            for impl in ("xla", "cudnn"):
+                f = jax.jit(functools.partial(dot_product_attention, implementation=impl))
+                outs[impl] = f(q, kk, v).astype(jnp.float32)
+                dt = median_time(functools.partial(f, q, kk, v), sync, 3, args.reps)
+                fl = 4 * q_shape[0] * q_shape[2] * q_shape[1] * kv_len * q_shape[3]
+                emit(side="bgjax", what="attention", impl=impl, case=name, ms=dt * 1e3, tflops=fl / dt / 1e12)
+            rel = jnp.linalg.norm(outs["cudnn"] - outs["xla"]) / jnp.linalg.norm(outs["xla"])
+            emit(side="bgjax", what="attention_agreement", case=name, rel_err=float(rel))
 
 
 # ---------------------------------------------------------------- peer (diffusers + PyTorch)
@@ -273,7 +280,8 @@ def table() -> str:
         elif r["what"] == "vae_decode":
             rows.append(f"| vae_decode B={r['batch']} | {r['side']} | {r['s'] * 1e3:.1f} ms | |")
         elif r["what"] == "attention":
-            rows.append(f"| attention {r['impl']} | {r['side']} | {r['ms']:.2f} ms | {r['tflops']:.0f} TFLOP/s |")
+            rows.append(f"| attention {r['case']} {r['impl']} | {r['side']} | {r['ms']:.2f} ms | "
+                        f"{r['tflops']:.0f} TFLOP/s |")
     return "\n".join(rows)
 
 

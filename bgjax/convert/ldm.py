@@ -54,7 +54,6 @@ _OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj
 _OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
                   "positional_embedding": "embeddings.position_embedding.weight",
                   "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
-
 _OPEN_CLIP_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _SCHEDULE_BUFFER = re.compile(
     r"betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|lvlb_weights|logvar")
@@ -461,7 +460,7 @@ def split_ldm_checkpoint(state: Mapping[str, np.ndarray],
 
     `configs` (diffusers / transformers config dicts by component) replace the inferred ones.
     Raises CheckpointError naming the first key under a UNet / VAE / text-encoder prefix that
-    has no diffusers counterpart.
+    has no diffusers counterpart. Arrays are views of the input, not copies.
     """
     kind = _text_kind(state)
     present = _present(state)
