@@ -182,3 +182,13 @@ def test_single_file_without_a_unet_is_rejected(tiny_models, tmp_path, capsys):
     save_file(tensors, single)
     assert run_cli("convert", single, "--out", tmp_path / "out") == 2
     assert "not a Stable Diffusion checkpoint: no unet weights" in capsys.readouterr().err
+
+
+def test_tokenizer_reads_local_files_only(tiny_diffusers_dir, tmp_path):
+    from bgjax.models.text_encoder import load_tokenizer
+
+    tok = load_tokenizer(tiny_diffusers_dir / "tokenizer")
+    ids = tok("rice cooker", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == 512 and ids[12] == 513  # BOS, 11 characters, EOS
+    with pytest.raises(FileNotFoundError, match="missing vocab.json, merges.txt"):
+        load_tokenizer(tmp_path)

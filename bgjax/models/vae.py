@@ -30,34 +30,22 @@ class UNetMidBlock2D(nn.Module):
         return ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name="resnets.1")(x)
 
 
-class DownEncoderBlock2D(nn.Module):
+class ResnetStack2D(nn.Module):
+    """diffusers' DownEncoderBlock2D (`resample="down"`) and UpDecoderBlock2D (`resample="up"`)."""
+
     channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets.{j}")(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.channels, padding=0, dtype=self.dtype, name="downsamplers.0")(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name=f"resnets.{j}")(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers.0")(x)
         return x
 
@@ -78,8 +66,8 @@ class Encoder(nn.Module):
         x = conv(cfg.block_out_channels[0], name="conv_in", dtype=dtype)(x)
         last = len(cfg.block_out_channels) - 1
         for i, channels in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock2D(channels, cfg.layers_per_block, cfg.norm_num_groups, i < last, dtype=dtype,
-                                   name=f"down_blocks.{i}")(x)
+            x = ResnetStack2D(channels, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < last else None,
+                              dtype=dtype, name=f"down_blocks.{i}")(x)
         x = UNetMidBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
                            dtype=dtype, name="mid_block")(x)
         return _out(cfg, 2 * cfg.latent_channels, x)
@@ -97,8 +85,8 @@ class Decoder(nn.Module):
                            dtype=dtype, name="mid_block")(x)
         last = len(cfg.block_out_channels) - 1
         for i, channels in enumerate(reversed(cfg.block_out_channels)):
-            x = UpDecoderBlock2D(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, i < last, dtype=dtype,
-                                 name=f"up_blocks.{i}")(x)
+            x = ResnetStack2D(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < last else None,
+                              dtype=dtype, name=f"up_blocks.{i}")(x)
         return _out(cfg, cfg.out_channels, x)
 
 
