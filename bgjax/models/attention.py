@@ -67,6 +67,19 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
 
 
+def mask_guided_attention(q: jax.Array, k: jax.Array, v: jax.Array, fg_tokens: jax.Array, bg_tokens: jax.Array,
+                          region_weight: jax.Array) -> jax.Array:
+    """Two softmaxes over the foreground / background key sets, blended per query by M_r."""
+
+    def attend(tokens: jax.Array) -> jax.Array:
+        # log m on the logits is a boolean key mask; XLA, as the keys are CLIP's 77 tokens.
+        mask = (tokens > 0)[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla").astype(jnp.float32)
+
+    m = region_weight[..., None].astype(jnp.float32)  # (B, T, 1, 1) against (B, T, heads, d)
+    return (m * attend(fg_tokens) + (1.0 - m) * attend(bg_tokens)).astype(q.dtype)
+
+
 class Attention(nn.Module):
     """diffusers' `Attention` (to_q/to_k/to_v/to_out.0), also transformers' CLIP naming.
 
@@ -85,7 +98,11 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, is_causal: bool = False):
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, is_causal: bool = False,
+                 token_masks: tuple[jax.Array, jax.Array] | None = None, region_weight: jax.Array | None = None):
+        """With `token_masks` (fg, bg: (B, L)) and `region_weight` M_r (B, T, 1), this is the
+        mask-guided cross-attention y = M_r softmax(QK^T/sqrt(d) + log m_fg) V
+        + (1 - M_r) softmax(QK^T/sqrt(d) + log m_bg) V, before the output projection."""
         residual, spatial_shape = x, None
         if self.norm_groups is not None:
             x = group_norm(self.norm_groups, self.norm_eps, name="group_norm")(x)
@@ -100,7 +117,10 @@ class Attention(nn.Module):
             return y.reshape(*y.shape[:-1], self.heads, self.dim_head)
 
         q, k, v = project(q_name, x), project(k_name, context), project(v_name, context)
-        y = dot_product_attention(q, k, v, is_causal=is_causal)
+        if token_masks is None:
+            y = dot_product_attention(q, k, v, is_causal=is_causal)
+        else:
+            y = mask_guided_attention(q, k, v, *token_masks, region_weight)
         y = y.reshape(*y.shape[:-2], inner)
         y = nn.Dense(self.out_dim or x.shape[-1], dtype=self.dtype, name=out_name)(y)
         if spatial_shape is not None:

@@ -22,23 +22,32 @@ class Component:
     module_cls: type[nn.Module]
     diffusers_class: str
     weights_name: str  # the file name diffusers / transformers save this component under
+    options: dict = dataclasses.field(default_factory=dict)  # module fields beyond the config
 
 
 COMPONENTS: dict[str, Component] = {
     "unet": Component(UNetConfig, UNet2DConditionModel, "UNet2DConditionModel",
                       "diffusion_pytorch_model.safetensors"),
     "controlnet": Component(UNetConfig, ControlNetModel, "ControlNetModel", "diffusion_pytorch_model.safetensors"),
+    # The paper's branches: ControlNets whose cross-attention sees the product region.
+    "cg": Component(UNetConfig, ControlNetModel, "ControlNetModel", "diffusion_pytorch_model.safetensors",
+                    {"region_mode": "mask_guided"}),
+    "pg": Component(UNetConfig, ControlNetModel, "ControlNetModel", "diffusion_pytorch_model.safetensors",
+                    {"region_mode": "mask_output"}),
     "vae": Component(VAEConfig, AutoencoderKL, "AutoencoderKL", "diffusion_pytorch_model.safetensors"),
     "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "CLIPTextModel", "model.safetensors"),
 }
 
 
-def build(kind: str, config: dict | Any, dtype: jnp.dtype = jnp.float32) -> nn.Module:
-    """The Flax module of `kind` for a config dict (or an already parsed config)."""
+def build(kind: str, config: dict | Any, dtype: jnp.dtype = jnp.float32, **options) -> nn.Module:
+    """The Flax module of `kind` for a config dict (or an already parsed config).
+
+    `options` override the component's module fields (e.g. `mask_residuals=True` for PG).
+    """
     comp = COMPONENTS[kind]
     if isinstance(config, dict):
         config = comp.config_cls.from_dict(config)
-    return comp.module_cls(config, dtype=dtype)
+    return comp.module_cls(config, dtype=dtype, **{**comp.options, **options})
 
 
 def example_inputs(kind: str, module: nn.Module, batch: int = 1, latent_size: int = 8) -> tuple:
@@ -50,7 +59,7 @@ def example_inputs(kind: str, module: nn.Module, batch: int = 1, latent_size: in
         return (jnp.zeros((batch, 8 * latent_size, 8 * latent_size, cfg.in_channels)),)
     latents = jnp.zeros((batch, latent_size, latent_size, cfg.in_channels))
     context = jnp.zeros((batch, 1, cfg.cross_attention_dim))
-    if kind == "controlnet":
+    if kind in ("controlnet", "cg", "pg"):
         f = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
         cond = jnp.zeros((batch, f * latent_size, f * latent_size, cfg.conditioning_channels))
         return latents, jnp.zeros((batch,)), context, cond

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from bgjax.models.configs import UNetConfig
 from bgjax.models.layers import conv
+from bgjax.models.region import Region, RegionMode, area_resize
 from bgjax.models.unet import encode
 
 
@@ -29,10 +30,17 @@ class ControlNetConditioningEmbedding(nn.Module):
 
 
 class ControlNetModel(nn.Module):
-    """Returns (down-block residuals, mid-block residual), each scaled by `conditioning_scale`."""
+    """Returns (down-block residuals, mid-block residual), each scaled by `conditioning_scale`.
+
+    The paper's branches are ControlNets with a `region_mode`: CG's cross-attention is
+    mask-guided ("mask_guided"); PG's cross-attention outputs are zeroed at product positions
+    ("mask_output"), and with `mask_residuals` so are its residuals.
+    """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    region_mode: RegionMode = "none"
+    mask_residuals: bool = False
 
     @nn.compact
     def __call__(
@@ -42,6 +50,7 @@ class ControlNetModel(nn.Module):
         encoder_hidden_states: jax.Array,
         controlnet_cond: jax.Array,
         conditioning_scale: float | jax.Array = 1.0,
+        region: Region | None = None,
     ) -> tuple[list[jax.Array], jax.Array]:
         cfg, dtype = self.config, self.dtype
         factor = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
@@ -52,13 +61,17 @@ class ControlNetModel(nn.Module):
         cond = ControlNetConditioningEmbedding(cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels,
                                                dtype=dtype, name="controlnet_cond_embedding")
         x, _, skips = encode(cfg, dtype, sample, timesteps, encoder_hidden_states.astype(dtype),
-                             cond(controlnet_cond.astype(dtype)))
+                             cond(controlnet_cond.astype(dtype)), region, self.region_mode)
         down = [
             conv(s.shape[-1], 1, padding=0, zero_init=True, name=f"controlnet_down_blocks.{i}", dtype=dtype)(s)
             for i, s in enumerate(skips)
         ]
         mid = conv(x.shape[-1], 1, padding=0, zero_init=True, name="controlnet_mid_block", dtype=dtype)(x)
-        return [d * conditioning_scale for d in down], mid * conditioning_scale
+        outputs = [*down, mid]
+        if self.mask_residuals and region is not None:
+            outputs = [r * (1.0 - area_resize(region.product_mask, *r.shape[1:3])[..., None]).astype(r.dtype)
+                       for r in outputs]
+        return [r * conditioning_scale for r in outputs[:-1]], outputs[-1] * conditioning_scale
 
 
 def controlnet_params_from_unet(unet_params: dict, controlnet_params: dict) -> dict:

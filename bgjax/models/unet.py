@@ -22,6 +22,7 @@ from bgjax.models.layers import (
     layer_norm,
     timestep_embedding,
 )
+from bgjax.models.region import Region, RegionMode, region_weights
 
 
 class FeedForward(nn.Module):
@@ -40,17 +41,25 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     dim_head: int
     only_cross_attention: bool = False
+    region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, region: Region | None = None,
+                 m_r: jax.Array | None = None) -> jax.Array:
         dim = self.heads * self.dim_head
 
         def attn(name: str) -> Attention:
             return Attention(self.heads, self.dim_head, out_dim=dim, dtype=self.dtype, name=name)
 
         x = x + attn("attn1")(layer_norm(1e-5, name="norm1")(x), context if self.only_cross_attention else None)
-        x = x + attn("attn2")(layer_norm(1e-5, name="norm2")(x), context)
+        h = layer_norm(1e-5, name="norm2")(x)
+        if region is None or self.region_mode == "none":
+            x = x + attn("attn2")(h, context)
+        elif self.region_mode == "mask_guided":
+            x = x + attn("attn2")(h, context, token_masks=(region.fg_tokens, region.bg_tokens), region_weight=m_r)
+        else:  # mask_output: the reference style reaches background positions only
+            x = x + ((1.0 - m_r) * attn("attn2")(h, context)).astype(x.dtype)
         return x + FeedForward(dim, dtype=self.dtype, name="ff")(layer_norm(1e-5, name="norm3")(x))
 
 
@@ -61,11 +70,13 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     groups: int = 32
+    region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, region: Region | None = None) -> jax.Array:
         b, h, w, c = x.shape
+        m_r = None if region is None else region_weights(region, h, w)
         inner = self.heads * self.dim_head
         y = group_norm(self.groups, 1e-6, name="norm")(x)
         if self.use_linear_projection:
@@ -73,8 +84,8 @@ class Transformer2DModel(nn.Module):
         else:
             y = conv(inner, 1, padding=0, name="proj_in", dtype=self.dtype)(y).reshape(b, h * w, inner)
         for i in range(self.depth):
-            y = BasicTransformerBlock(self.heads, self.dim_head, self.only_cross_attention, dtype=self.dtype,
-                                      name=f"transformer_blocks.{i}")(y, context)
+            y = BasicTransformerBlock(self.heads, self.dim_head, self.only_cross_attention, self.region_mode,
+                                      dtype=self.dtype, name=f"transformer_blocks.{i}")(y, context, region, m_r)
         if self.use_linear_projection:
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
@@ -82,11 +93,12 @@ class Transformer2DModel(nn.Module):
         return y + x
 
 
-def _transformer(cfg: UNetConfig, level: int, dtype: jnp.dtype, name: str) -> Transformer2DModel:
+def _transformer(cfg: UNetConfig, level: int, region_mode: RegionMode, dtype: jnp.dtype,
+                 name: str) -> Transformer2DModel:
     channels, heads = cfg.block_out_channels[level], cfg.num_attention_heads[level]
     return Transformer2DModel(heads, channels // heads, cfg.transformer_layers_per_block[level],
                               cfg.use_linear_projection, cfg.only_cross_attention[level],
-                              cfg.norm_num_groups, dtype=dtype, name=name)
+                              cfg.norm_num_groups, region_mode, dtype=dtype, name=name)
 
 
 def _resnet(cfg: UNetConfig, channels: int, dtype: jnp.dtype, name: str) -> ResnetBlock2D:
@@ -98,16 +110,18 @@ class DownBlock2D(nn.Module):
 
     config: UNetConfig
     level: int
+    region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array,
+                 region: Region | None = None) -> tuple[jax.Array, list[jax.Array]]:
         cfg, level = self.config, self.level
         channels, skips = cfg.block_out_channels[level], []
         for i in range(cfg.layers_per_block):
             x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
             if cfg.has_cross_attention(level):
-                x = _transformer(cfg, level, self.dtype, f"attentions.{i}")(x, context)
+                x = _transformer(cfg, level, self.region_mode, self.dtype, f"attentions.{i}")(x, context, region)
             skips.append(x)
         if level < len(cfg.block_out_channels) - 1:
             x = Downsample2D(channels, cfg.downsample_padding, dtype=self.dtype, name="downsamplers.0")(x)
@@ -117,13 +131,15 @@ class DownBlock2D(nn.Module):
 
 class UNetMidBlock2DCrossAttn(nn.Module):
     config: UNetConfig
+    region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, region: Region | None = None) -> jax.Array:
         cfg, channels = self.config, self.config.block_out_channels[-1]
         x = _resnet(cfg, channels, self.dtype, "resnets.0")(x, temb)
-        x = _transformer(cfg, len(cfg.block_out_channels) - 1, self.dtype, "attentions.0")(x, context)
+        level = len(cfg.block_out_channels) - 1
+        x = _transformer(cfg, level, self.region_mode, self.dtype, "attentions.0")(x, context, region)
         return _resnet(cfg, channels, self.dtype, "resnets.1")(x, temb)
 
 
@@ -135,10 +151,12 @@ class UpBlock2D(nn.Module):
 
     config: UNetConfig
     index: int
+    region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
+                 region: Region | None = None) -> jax.Array:
         cfg = self.config
         level = len(cfg.block_out_channels) - 1 - self.index
         channels = cfg.block_out_channels[level]
@@ -146,7 +164,7 @@ class UpBlock2D(nn.Module):
             x = jnp.concatenate([x, skip], axis=-1)
             x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
             if cfg.up_block_types[self.index] == CROSS_ATTN_UP:
-                x = _transformer(cfg, level, self.dtype, f"attentions.{i}")(x, context)
+                x = _transformer(cfg, level, self.region_mode, self.dtype, f"attentions.{i}")(x, context, region)
         if level > 0:
             x = Upsample2D(channels, dtype=self.dtype, name="upsamplers.0")(x)
         return x
@@ -162,7 +180,8 @@ def check_latent_shape(cfg: UNetConfig, sample: jax.Array) -> None:
 
 
 def encode(cfg: UNetConfig, dtype: jnp.dtype, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-           cond_embedding: jax.Array | None = None) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+           cond_embedding: jax.Array | None = None, region: Region | None = None,
+           region_mode: RegionMode = "none") -> tuple[jax.Array, jax.Array, list[jax.Array]]:
     """conv_in, time embedding, down blocks and mid block, shared by the UNet and ControlNet.
 
     Must be called from inside a compact method: the submodules it creates belong to the
@@ -178,17 +197,23 @@ def encode(cfg: UNetConfig, dtype: jnp.dtype, sample: jax.Array, timesteps: jax.
         x = x + cond_embedding
     skips = [x]
     for level in range(len(cfg.block_out_channels)):
-        x, level_skips = DownBlock2D(cfg, level, dtype=dtype, name=f"down_blocks.{level}")(x, temb, context)
+        x, level_skips = DownBlock2D(cfg, level, region_mode, dtype=dtype, name=f"down_blocks.{level}")(
+            x, temb, context, region)
         skips += level_skips
-    x = UNetMidBlock2DCrossAttn(cfg, dtype=dtype, name="mid_block")(x, temb, context)
+    x = UNetMidBlock2DCrossAttn(cfg, region_mode, dtype=dtype, name="mid_block")(x, temb, context, region)
     return x, temb, skips
 
 
 class UNet2DConditionModel(nn.Module):
-    """Predicts noise (or v) for NHWC latents; takes ControlNet residuals for skips and mid block."""
+    """Predicts noise (or v) for NHWC latents; takes ControlNet residuals for skips and mid block.
+
+    `region_mode="mask_guided"` makes every cross-attention mask-guided when a `region` is given
+    (the paper's CG attention applied in the UNet too; off by default).
+    """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    region_mode: RegionMode = "none"
 
     @nn.compact
     def __call__(
@@ -198,10 +223,11 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: jax.Array,
         down_block_additional_residuals: list[jax.Array] | None = None,
         mid_block_additional_residual: jax.Array | None = None,
+        region: Region | None = None,
     ) -> jax.Array:
         cfg, dtype = self.config, self.dtype
         context = encoder_hidden_states.astype(dtype)
-        x, temb, skips = encode(cfg, dtype, sample, timesteps, context)
+        x, temb, skips = encode(cfg, dtype, sample, timesteps, context, region=region, region_mode=self.region_mode)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"down_block_additional_residuals: expected {len(skips)} residuals, "
@@ -211,7 +237,8 @@ class UNet2DConditionModel(nn.Module):
             x = x + mid_block_additional_residual.astype(dtype)
         n = cfg.layers_per_block + 1
         for i in range(len(cfg.block_out_channels)):
-            x = UpBlock2D(cfg, i, dtype=dtype, name=f"up_blocks.{i}")(x, skips[-n:], temb, context)
+            x = UpBlock2D(cfg, i, self.region_mode, dtype=dtype, name=f"up_blocks.{i}")(
+                x, skips[-n:], temb, context, region)
             skips = skips[:-n]
         # The head runs in fp32: 4 output channels cost nothing, and the sampler sees no bf16 rounding.
         x = group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x)

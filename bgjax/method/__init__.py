@@ -1,0 +1,1 @@
+"""The paper's method: category/personality branches, mask-guided attention, prompts, identifiers."""

@@ -1,0 +1,35 @@
+"""UNet + CG + PG as one noise predictor: eps(z_t, t, E, c_cg, c_pg, M)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+
+from bgjax.models.region import Region
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """The frozen UNet plus the optional branches; hashable, so a jitted caller can close over it.
+
+    `params` is {"unet": ..., "cg": ..., "pg": ...} (branch entries only for branches present).
+    A branch runs when it exists and its condition is given: with no reference, PG is skipped.
+    """
+
+    unet: nn.Module
+    cg: nn.Module | None = None
+    pg: nn.Module | None = None
+
+    def __call__(self, params: dict, latents: jax.Array, timesteps: jax.Array, context: jax.Array, region: Region,
+                 cg_cond: jax.Array | None = None, pg_cond: jax.Array | None = None,
+                 lambda_cg: float | jax.Array = 1.0, lambda_pg: float | jax.Array = 1.0) -> jax.Array:
+        down, mid = None, None
+        for branch, name, cond, scale in ((self.cg, "cg", cg_cond, lambda_cg), (self.pg, "pg", pg_cond, lambda_pg)):
+            if branch is None or cond is None:
+                continue
+            d, m = branch.apply({"params": params[name]}, latents, timesteps, context, cond, scale, region)
+            down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        return self.unet.apply({"params": params["unet"]}, latents, timesteps, context, down, mid, region)
