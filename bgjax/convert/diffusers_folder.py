@@ -18,6 +18,8 @@ from bgjax.models.configs import ConfigError, read_config_json
 
 REQUIRED = ("unet", "vae", "text_encoder")
 COPIED = ("tokenizer", "scheduler")
+# What a diffusers StableDiffusion(ControlNet)Pipeline loads; the paper's cg/ and pg/ load on their own.
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "controlnet")
 # Known non-weight entries, skipped with the reason recorded.
 IGNORED = {"text_encoder": {"text_model.embeddings.position_ids": "position-id buffer, recomputed"}}
 _VAE_DEPRECATED = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
@@ -92,6 +94,8 @@ def export_diffusers(model: Path, out: Path) -> list[str]:
         write_safetensors(out / kind / COMPONENTS[kind].weights_name, params_to_state_dict(params),
                           metadata={"format": "pt"})
     copy_folders(model, out)
+    if (model / "method.json").is_file():
+        export_identifiers(model, out / "textual_inversion")
     index = (read_config_json(model / "model_index.json") if (model / "model_index.json").is_file()
              else pipeline_index(model, kinds))
     write_json(out / "model_index.json", index)
@@ -103,7 +107,7 @@ def pipeline_index(model: Path, kinds: list[str]) -> dict:
     index = {"_class_name": "StableDiffusionControlNetPipeline" if "controlnet" in kinds
              else "StableDiffusionPipeline", "requires_safety_checker": False,
              "safety_checker": [None, None], "feature_extractor": [None, None]}
-    for kind in kinds:
+    for kind in (k for k in kinds if k in PIPELINE_COMPONENTS):
         library = "transformers" if kind == "text_encoder" else "diffusers"
         index[kind] = [library, COMPONENTS[kind].diffusers_class]
     if (model / "tokenizer").is_dir():
@@ -113,3 +117,18 @@ def pipeline_index(model: Path, kinds: list[str]) -> dict:
         index["scheduler"] = ["diffusers", scheduler.get("_class_name", "DDIMScheduler")]
     return index
 
+
+
+def identifier_tokens(categories: list[str], shared: bool) -> list[str]:
+    """The tokens the identifiers take in a diffusers tokenizer: <bg-rice_cooker>, or <bg-shared>."""
+    return ["<bg-shared>"] if shared else ["<bg-" + "_".join(name.split()) + ">" for name in categories]
+
+
+def export_identifiers(model: Path, out: Path) -> list[str]:
+    """One diffusers textual-inversion file per identifier token (diffusers loads one token per file)."""
+    config, categories, table = model_dir.load_method(model)
+    tokens = identifier_tokens(categories, config.identifiers == "shared")
+    for i, (token, row) in enumerate(zip(tokens, table, strict=True)):
+        write_safetensors(out / f"{i:04d}.safetensors", {token: row}, metadata={"format": "pt"})
+    write_json(out / "tokens.json", {"tokens": tokens, "categories": categories})
+    return tokens

@@ -6,13 +6,13 @@ background token sets; each attention layer area-resizes the mask to its own h x
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from bgjax.models.area import area_resize_matrix
 
 # none: plain cross-attention. mask_guided: CG's y = M_r A_fg + (1 - M_r) A_bg.
 # mask_output: PG's y <- (1 - M_r) y on every cross-attention output.
@@ -25,21 +25,6 @@ class Region:
     product_mask: jax.Array  # (B, H, W) in [0, 1], 1 = product; any H, W (usually the image's)
     fg_tokens: jax.Array  # (B, L) 1.0 on the tokens of P_fg
     bg_tokens: jax.Array  # (B, L) 1.0 on the tokens of P_bg
-
-
-@functools.lru_cache(maxsize=64)
-def area_resize_matrix(src: int, dst: int) -> np.ndarray:
-    """(dst, src) weights: row i averages the source interval [i * src/dst, (i+1) * src/dst).
-
-    Exact box-filter (area) resampling for any sizes, not only integer ratios; the matrix
-    is a trace-time constant, so masks of one shape never recompile anything.
-    """
-    scale = src / dst
-    edges = np.arange(dst + 1) * scale
-    lo, hi = edges[:-1, None], edges[1:, None]
-    cells = np.arange(src)[None, :]
-    overlap = np.clip(np.minimum(hi, cells + 1) - np.maximum(lo, cells), 0.0, None)
-    return (overlap / scale).astype(np.float32)
 
 
 def area_resize(mask: jax.Array, height: int, width: int) -> jax.Array:
