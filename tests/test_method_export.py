@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from bgjax import model_dir
 from bgjax.cli import main
 from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.method.config import MethodConfig
-from bgjax.method.denoiser import Denoiser
+from bgjax.method.denoiser import Denoiser, load_denoiser
 from bgjax.method.prompts import PromptBuilder, embed_with_identifiers
 from bgjax.models.region import Region
 from bgjax.models.text_encoder import load_tokenizer
@@ -59,12 +61,12 @@ def test_exported_branches_match_bgjax_in_diffusers(exported, mask_guided_unet, 
     x = _inputs(builder)
     region = Region(x["mask"], x["prompts"]["fg_tokens"], x["prompts"]["bg_tokens"])
 
-    unet, unet_params = model_dir.load_component(model, "unet", region_mode="mask_guided" if mask_guided_unet
-                                                 else "none")
-    cg, cg_params = model_dir.load_component(model, "cg")
-    pg, pg_params = model_dir.load_component(model, "pg", mask_residuals=pg_mask_residuals)
-    got = Denoiser(unet, cg, pg)({"unet": unet_params, "cg": cg_params, "pg": pg_params}, x["latents"],
-                                 x["timesteps"], x["context"], region, x["cg_cond"], x["pg_cond"], 0.8, 1.2)
+    config, categories, table = model_dir.load_method(model)
+    model_dir.save_method(model, dataclasses.replace(config, mask_guided_unet=mask_guided_unet,
+                                                     pg_mask_residuals=pg_mask_residuals), categories, table)
+    denoiser, params, _ = load_denoiser(model)
+    assert denoiser.pg.mask_residuals == pg_mask_residuals
+    got = denoiser(params, x["latents"], x["timesteps"], x["context"], region, x["cg_cond"], x["pg_cond"], 0.8, 1.2)
 
     torch_denoiser = BackgroundDenoiser(UNet2DConditionModel.from_pretrained(out / "unet"),
                                         ControlNetModel.from_pretrained(out / "cg"),
@@ -77,7 +79,7 @@ def test_exported_branches_match_bgjax_in_diffusers(exported, mask_guided_unet, 
                               torch.from_numpy(x["context"]), t["mask"], t["fg"], t["bg"],
                               cg_cond=torch.from_numpy(nchw(x["cg_cond"])),
                               pg_cond=torch.from_numpy(nchw(x["pg_cond"])), lambda_cg=0.8, lambda_pg=1.2)
-    plain = Denoiser(unet)({"unet": unet_params}, x["latents"], x["timesteps"], x["context"], region)
+    plain = Denoiser(denoiser.unet)(params, x["latents"], x["timesteps"], x["context"], region)
     assert rel_err(got, plain) > 1e-2  # the branches change the prediction, so the match below means something
     err = rel_err(got, nhwc(want))
     print(f"exported CG+PG in diffusers vs bgjax ({mask_guided_unet=}, {pg_mask_residuals=}): {err:.2e}")

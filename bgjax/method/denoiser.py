@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from bgjax.method.config import MethodConfig
 from bgjax.models.region import Region
 
 
@@ -33,3 +36,22 @@ class Denoiser:
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         return self.unet.apply({"params": params["unet"]}, latents, timesteps, context, down, mid, region)
+
+
+def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32) -> tuple[Denoiser, dict, MethodConfig]:
+    """The denoiser of a bgjax model directory, built as its `method.json` says.
+
+    Branches whose folder is absent (a base model, or a stage-1 model without PG) are None.
+    """
+    from bgjax import model_dir
+
+    model = Path(model)
+    config = model_dir.load_method(model)[0] if (model / "method.json").is_file() else MethodConfig()
+    unet, params = model_dir.load_component(model, "unet", dtype,
+                                            region_mode="mask_guided" if config.mask_guided_unet else "none")
+    modules, all_params = {"unet": unet}, {"unet": params}
+    present = model_dir.components(model)
+    for kind, options in (("cg", {}), ("pg", {"mask_residuals": config.pg_mask_residuals})):
+        if kind in present:
+            modules[kind], all_params[kind] = model_dir.load_component(model, kind, dtype, **options)
+    return Denoiser(**modules), all_params, config
