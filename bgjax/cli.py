@@ -29,6 +29,28 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote diffusers folder with {', '.join(kinds)} to {args.out}")
 
 
+def _data(args: argparse.Namespace) -> None:
+    from bgjax.data import sources
+    from bgjax.data.convert import write_dataset
+
+    if args.source == "bg60k":
+        listing, split = sources.list_bg60k(Path(args.root), args.split), args.split
+    elif args.source == "folder":
+        listing = sources.list_folder(Path(args.images), Path(args.categories), args.masks and Path(args.masks))
+        split = "folder"
+    else:
+        listing, split = sources.list_synthetic(args.num, args.seed, args.size), "synthetic"
+    m = write_dataset(listing, Path(args.out), args.format, split, args.records_per_shard, args.workers)
+    print(f"{m['num_written']} of {m['num_inputs']} inputs written to {len(m['shards'])} shards in {args.out}; "
+          f"{len(m['rejected'])} rejected (reasons in {Path(args.out) / 'manifest.json'})")
+
+
+def _data_inspect(args: argparse.Namespace) -> None:
+    from bgjax.data.inspect import inspect_dataset
+
+    print(inspect_dataset(Path(args.dir), num=args.num))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgjax", description="E-commerce product backgrounds with JAX.")
     parser.add_argument("--version", action="version", version=f"bgjax {__version__}")
@@ -48,17 +70,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a bgjax model directory")
     p.add_argument("--out", required=True, help="the diffusers folder to write")
     p.set_defaults(run=_export)
+
+    data = sub.add_parser("data", help="datasets -> record shards + manifest; inspect them").add_subparsers(
+        dest="source", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="the folder for the shards and manifest.json")
+        p.add_argument("--format", choices=("arrayrecord", "tfrecord"), default="arrayrecord")
+        p.add_argument("--records-per-shard", type=int, default=1000)
+        p.add_argument("--workers", type=int, default=None, help="writer processes (default: one per core)")
+        p.set_defaults(run=_data)
+
+    p = data.add_parser("bg60k", help="the BG60k release (info files, *_imgs_*/, *_masks_*/)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--split", choices=("bg60k", "bg1k", "bgpair"), default="bg60k")
+    common(p)
+    p = data.add_parser("folder", help="a catalogue: images, masks (or RGBA cut-outs), a CSV/JSONL of categories")
+    p.add_argument("--images", required=True)
+    p.add_argument("--categories", required=True, help="CSV or JSONL with image, category[, mask]")
+    p.add_argument("--masks", help="mask folder; without it each image's alpha channel is its mask")
+    common(p)
+    p = data.add_parser("synthetic", help="procedural products on category-styled backgrounds")
+    p.add_argument("--num", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    common(p)
+    p = data.add_parser("inspect", help="counts, categories and a PNG grid of samples")
+    p.add_argument("dir")
+    p.add_argument("--num", type=int, default=16)
+    p.set_defaults(run=_data_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from bgjax.convert.errors import CheckpointError
+    from bgjax.data.records import RecordError
     from bgjax.models.configs import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, RecordError, FileNotFoundError) as e:
         print(f"bgjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
