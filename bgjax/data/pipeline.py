@@ -1,0 +1,120 @@
+"""The grain input pipeline: record shards -> augmented, tokenised, batched training examples.
+
+ArrayRecord shards are read as one random-access `MapDataset` with a global shuffle; every
+random choice is drawn from a generator seeded by the element's index, so a batch depends
+only on (seed, step) and a restored iterator state continues exactly. TFRecord shards go
+through grain's TFRecord dataset with interleave.
+
+A batch is a dict of numpy arrays:
+    image (B, R, R, 3) uint8, mask (B, R, R) uint8 {0, 1}, category_id (B,) int32,
+    input_ids (B, 77) int32, fg_tokens / bg_tokens (B, 77) float32, identifier_index (B,) int32,
+    and with PG augmentation: pg_cond (B, R, R, 3) float32 in [-1, 1], pg_mask (B, R, R) float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, pg_augment
+from bgjax.data.example import decode_example
+from bgjax.data.images import decode_mask, decode_rgb
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int = 16  # per process
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    workers: int = 0  # grain worker processes; 0 decodes in the training process
+    crop: CropConfig = dataclasses.field(default_factory=CropConfig)
+    pg: PGAugmentConfig | None = None  # None: no PG inputs (stage 1)
+    interleave_cycle_length: int = 4  # TFRecord only
+
+
+def read_manifest(data_dir: Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (write records with `bgjax data ...` first)")
+    return json.loads(path.read_text())
+
+
+class Decode(grain.transforms.Map):
+    """Record bytes -> image, mask and the category's prompt arrays (looked up, not re-tokenised)."""
+
+    def __init__(self, prompts: dict[str, np.ndarray]):
+        self.prompts = prompts
+
+    def map(self, record: bytes) -> dict:
+        ex = decode_example(record)
+        cid = ex["category_id"][0]
+        out = {"image": decode_rgb(ex["image"][0]), "mask": decode_mask(ex["mask"][0]),
+               "category_id": np.int32(cid)}
+        out.update({k: v[cid] for k, v in self.prompts.items()})
+        return out
+
+
+class Crop(grain.transforms.RandomMap):
+    def __init__(self, cfg: CropConfig):
+        self.cfg = cfg
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image, mask = crop_resize(element["image"], element["mask"], rng, self.cfg)
+        return {**element, "image": image, "mask": (mask > 127).astype(np.uint8)}
+
+
+class PGPerturb(grain.transforms.RandomMap):
+    """PG's self-supervised reference: each image is mixed with the next one in its batch."""
+
+    def __init__(self, cfg: PGAugmentConfig):
+        self.cfg = cfg
+
+    def random_map(self, batch: dict, rng: np.random.Generator) -> dict:
+        images, masks = batch["image"], batch["mask"] * 255
+        pairs = [pg_augment(images[i], masks[i], images[(i + 1) % len(images)], rng, self.cfg)
+                 for i in range(len(images))]
+        return {**batch, "pg_cond": np.stack([c for c, _ in pairs]), "pg_mask": np.stack([m for _, m in pairs])}
+
+
+def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndarray], process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+    """Batches for this process. `prompts` maps each prompt array name to a (num_categories, ...)
+    table (see `prompt_tables`)."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    paths = [str(data_dir / s["path"]) for s in manifest["shards"] if s["num_records"]]
+    if not paths:
+        raise ValueError(f"{data_dir}: the manifest lists no records")
+    if manifest["format"] == "arrayrecord":
+        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).seed(cfg.seed).shuffle()
+        ds = ds.repeat(cfg.num_epochs)[process_index::process_count]
+        ds = ds.map(Decode(prompts)).random_map(Crop(cfg.crop)).batch(cfg.batch_size, drop_remainder=True)
+        if cfg.pg is not None:
+            ds = ds.random_map(PGPerturb(cfg.pg))
+        it = ds.to_iter_dataset()
+    else:
+        files = grain.MapDataset.source(paths).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
+        files = files[process_index::process_count].map(grain.experimental.TFRecordIterDataset)
+        it = grain.experimental.InterleaveIterDataset(files, cycle_length=cfg.interleave_cycle_length)
+        it = it.map(Decode(prompts)).random_map(Crop(cfg.crop), seed=cfg.seed).batch(cfg.batch_size,
+                                                                                      drop_remainder=True)
+        if cfg.pg is not None:
+            it = it.random_map(PGPerturb(cfg.pg), seed=cfg.seed + 1)
+    if cfg.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; bgjax does not use absl.app
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
+    return it
+
+
+def prompt_tables(builder, categories: dict[str, int]) -> dict[str, np.ndarray]:
+    """Tokenise each category's prompt once: {name: (num_categories, ...)} arrays for `Decode`."""
+    names = [name for name, _ in sorted(categories.items(), key=lambda kv: kv[1])]
+    return builder.batch(names)
+

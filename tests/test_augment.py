@@ -1,0 +1,322 @@
+"""bgjax.data.augment: crop/resize/flip and PG's self-supervised perturbations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from bgjax.data.augment import (
+    CropConfig,
+    PGAugmentConfig,
+    binary_mask,
+    crop_resize,
+    dilate,
+    mix_regions,
+    pg_augment,
+    product_condition,
+    random_mask,
+    sample_crop,
+    to_float,
+    translate,
+)
+
+OFF = PGAugmentConfig(dilation_px=(0, 0), rect_probability=0.0, blob_probability=0.0, max_shift=0.0,
+                      mix_probability=0.0)
+
+
+def brute_dilate(mask: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros_like(mask, bool)
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        out[max(0, y - k):y + k + 1, max(0, x - k):x + k + 1] = True
+    return out
+
+
+def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def random_product(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A 0/255 mask: a rectangle or an ellipse of random size anywhere (possibly touching edges)."""
+    ph, pw = int(rng.integers(2, h + 1)), int(rng.integers(2, w + 1))
+    y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+    mask = np.zeros((h, w), np.uint8)
+    if rng.random() < 0.5:
+        mask[y0:y0 + ph, x0:x0 + pw] = 255
+    else:
+        yy, xx = np.mgrid[0:ph, 0:pw]
+        inside = ((yy + 0.5 - ph / 2) / (ph / 2)) ** 2 + ((xx + 0.5 - pw / 2) / (pw / 2)) ** 2 <= 1
+        mask[y0:y0 + ph, x0:x0 + pw] = np.where(inside, 255, 0)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# conversions
+
+
+def test_to_float_and_product_condition():
+    image = np.array([[[0, 255, 128]]], np.uint8)
+    assert to_float(image).dtype == np.float32
+    np.testing.assert_allclose(to_float(image), [[[-1.0, 1.0, 128 / 127.5 - 1]]], atol=1e-7)
+    rng = np.random.default_rng(0)
+    image, mask = random_image(rng, 8, 6), random_product(rng, 8, 6)
+    cond = product_condition(image, mask)
+    assert cond.dtype == np.float32 and cond.shape == (8, 6, 3)
+    keep = mask > 0
+    np.testing.assert_array_equal(cond[keep], to_float(image)[keep])
+    assert np.all(cond[~keep] == 0) and not np.signbit(cond[~keep]).any()
+
+
+def test_binary_mask_conventions():
+    expect = np.array([[False, True]])
+    for mask in (np.array([[0, 255]], np.uint8), np.array([[0, 1]], np.uint8), expect,
+                 np.array([[0.0, 1.0]], np.float32), np.array([[[0], [255]]], np.uint8)):
+        np.testing.assert_array_equal(binary_mask(mask), expect)
+
+
+# ---------------------------------------------------------------------------------------------
+# dilation, translation, masks, mixing
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_dilate_single_pixel_and_square_grow_by_exactly_k(k):
+    mask = np.zeros((31, 29), bool)
+    mask[15, 14] = True
+    out = dilate(mask, k)
+    np.testing.assert_array_equal(out, brute_dilate(mask, k))
+    ys, xs = np.nonzero(out)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (15 - k, 15 + k, 14 - k, 14 + k)
+    assert out.sum() == (2 * k + 1) ** 2
+
+    square = np.zeros((31, 29), np.uint8)
+    square[10:16, 9:13] = 255
+    out = dilate(square, k)
+    np.testing.assert_array_equal(out, brute_dilate(square > 0, k))
+    ys, xs = np.nonzero(out)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10 - k, 15 + k, 9 - k, 12 + k)
+
+
+def test_dilate_matches_brute_force_on_random_masks_and_at_edges():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        h, w = rng.integers(1, 40, 2)
+        mask = rng.random((h, w)) < rng.uniform(0.0, 0.1)
+        k = int(rng.integers(0, 12))
+        np.testing.assert_array_equal(dilate(mask, k), brute_dilate(mask, k))
+    assert dilate(np.zeros((5, 5), bool), 3).sum() == 0
+
+
+def test_translate_zero_fill():
+    a = np.arange(1, 13).reshape(3, 4)
+    np.testing.assert_array_equal(translate(a, 1, -1), [[0, 0, 0, 0], [2, 3, 4, 0], [6, 7, 8, 0]])
+    np.testing.assert_array_equal(translate(a, 0, 0), a)
+    assert not translate(a, 3, 0).any() and not translate(a, 0, -4).any()
+    rgb = np.ones((4, 5, 3), np.float32)
+    out = translate(rgb, -2, 2)
+    assert out.shape == rgb.shape and out.dtype == rgb.dtype and out.sum() == 2 * 3 * 3
+
+
+def test_random_mask_is_a_superset_and_adds_shapes():
+    rng = np.random.default_rng(2)
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 25:35] = True
+    cfg = PGAugmentConfig(rect_probability=1.0, blob_probability=1.0, shape_size=(0.2, 0.4))
+    grew = 0
+    for _ in range(10):
+        out = random_mask(mask, rng, cfg)
+        assert out.dtype == np.bool_ and np.all(out[mask])
+        grew += out.sum() > mask.sum()
+    assert grew == 10
+    np.testing.assert_array_equal(random_mask(mask, rng, OFF), mask)
+
+
+def test_mix_regions():
+    rng = np.random.default_rng(3)
+    a, b = random_image(rng, 32, 48), random_image(rng, 32, 48)
+    cfg = PGAugmentConfig(mix_probability=1.0, mix_count=(2, 3))
+    mixed, regions = mix_regions(a, b, rng, cfg)
+    assert mixed.dtype == np.uint8 and regions.any() and not regions.all()
+    np.testing.assert_array_equal(mixed[regions], b[regions])
+    np.testing.assert_array_equal(mixed[~regions], a[~regions])
+    mixed, regions = mix_regions(a, b, rng, OFF)
+    assert not regions.any()
+    np.testing.assert_array_equal(mixed, a)
+    mixed, regions = mix_regions(a, None, rng, cfg)
+    np.testing.assert_array_equal(mixed, a)
+
+
+# ---------------------------------------------------------------------------------------------
+# pg_augment
+
+
+def test_pg_augment_identity_when_everything_is_off():
+    rng = np.random.default_rng(4)
+    image, other = random_image(rng, 40, 56), random_image(rng, 40, 56)
+    mask = random_product(rng, 40, 56)
+    c_pg, perturbed = pg_augment(image, mask, other, np.random.default_rng(0), OFF)
+    keep = (mask > 0).astype(np.float32)
+    assert c_pg.dtype == np.float32 and perturbed.dtype == np.float32
+    np.testing.assert_array_equal(perturbed, keep)
+    np.testing.assert_array_equal(c_pg, to_float(image) * (1 - keep)[..., None])
+    assert not np.signbit(c_pg[keep > 0]).any()  # masked pixels are +0.0
+
+
+def test_pg_augment_deterministic_per_seed():
+    rng = np.random.default_rng(5)
+    image, other, mask = random_image(rng, 64, 64), random_image(rng, 64, 64), random_product(rng, 64, 64)
+    cfg = PGAugmentConfig(rect_probability=1.0, blob_probability=1.0, mix_probability=1.0)
+    first = pg_augment(image, mask, other, np.random.default_rng(7), cfg)
+    again = pg_augment(image, mask, other, np.random.default_rng(7), cfg)
+    other_seed = pg_augment(image, mask, other, np.random.default_rng(8), cfg)
+    for x, y in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not all(np.array_equal(x, y) for x, y in zip(first, other_seed, strict=True))
+
+
+def test_pg_augment_outputs_and_value_ranges():
+    rng = np.random.default_rng(6)
+    image, other, mask = random_image(rng, 48, 80), random_image(rng, 48, 80), random_product(rng, 48, 80)
+    c_pg, perturbed = pg_augment(image, mask, other, rng, PGAugmentConfig(mix_probability=1.0))
+    assert c_pg.shape == (48, 80, 3) and perturbed.shape == (48, 80)
+    assert c_pg.min() >= -1 and c_pg.max() <= 1
+    assert set(np.unique(perturbed)) <= {0.0, 1.0}
+    assert np.all(c_pg[perturbed > 0] == 0)
+
+
+def test_perturbed_mask_covers_translated_dilated_product():
+    """M' contains translate(dilate(M, k), delta) for the k and delta drawn: every translated
+    product pixel still in frame is covered by M'.
+
+    pg_augment draws k and delta before the shapes and the mix, so the same seed with shapes off
+    gives M'_0 = translate(dilate(M, k), delta) exactly (checked against a brute-force search
+    over k and delta); with shapes on, M' must contain M'_0."""
+    rng = np.random.default_rng(9)
+    size = 64
+    on = PGAugmentConfig(dilation_px=(16, 40), max_shift=0.2, rect_probability=1.0, blob_probability=1.0,
+                         mix_probability=1.0)
+    off = dataclasses.replace(on, rect_probability=0.0, blob_probability=0.0, mix_probability=0.0)
+    k_range = range(round(16 * size / 512), round(40 * size / 512) + 1)  # 2..5 px at 64 px
+    max_d = round(0.2 * size)
+    shifts = [(dy, dx) for dy in range(-max_d, max_d + 1) for dx in range(-max_d, max_d + 1)]
+    for trial in range(8):
+        image, other = random_image(rng, size, size), random_image(rng, size, size)
+        mask = np.zeros((size, size), bool)  # a product within a random half-size window
+        y, x = (int(v) for v in rng.integers(0, size // 2 + 1, 2))
+        mask[y:y + size // 2, x:x + size // 2] = random_product(rng, size // 2, size // 2) > 0
+        base = pg_augment(image, mask, other, np.random.default_rng(trial), off)[1] > 0
+        full = pg_augment(image, mask, other, np.random.default_rng(trial), on)[1] > 0
+        assert np.all(full[base]) and full.sum() >= base.sum()
+        dilated = {k: brute_dilate(mask, k) for k in k_range}
+        matches = [(k, d) for k in k_range for d in shifts if np.array_equal(translate(dilated[k], *d), base)]
+        assert matches, f"trial {trial}: M' with shapes off is not a translated dilation of M"
+        _, (dy, dx) = matches[0]
+        ys, xs = np.nonzero(mask)
+        ys, xs = ys + dy, xs + dx
+        inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
+        assert np.all(full[ys[inside], xs[inside]])
+
+
+def test_product_never_visible_without_translation():
+    """Copy shortcut: with delta = 0, no pixel of the product is left unmasked in c_pg, whatever
+    the dilation, shapes and mixing do."""
+    rng = np.random.default_rng(11)
+    cfg = PGAugmentConfig(max_shift=0.0, dilation_px=(0, 25), rect_probability=0.5, blob_probability=0.5,
+                          mix_probability=1.0)
+    for trial in range(30):
+        h, w = (int(v) for v in rng.integers(16, 72, 2))
+        image, other = random_image(rng, h, w), random_image(rng, h, w)
+        mask = random_product(rng, h, w)
+        c_pg, perturbed = pg_augment(image, mask, other, np.random.default_rng(trial), cfg)
+        keep = mask > 0
+        assert np.all(perturbed[keep] == 1)
+        assert np.all(c_pg[keep] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# crop_resize
+
+
+def test_crop_resize_keeps_the_whole_product():
+    rng = np.random.default_rng(12)
+    cfg = CropConfig(resolution=64)
+    for trial in range(200):
+        h, w = (int(v) for v in rng.integers(8, 160, 2))
+        image, mask = random_image(rng, h, w), random_product(rng, h, w)
+        keep = mask > 0
+        ys, xs = np.nonzero(keep)
+        top, left, side = sample_crop(mask, np.random.default_rng(trial), cfg)
+        # the crop square contains the product bbox
+        assert top <= ys.min() and ys.max() < top + side and left <= xs.min() and xs.max() < left + side
+        if side <= min(h, w):  # in-image whenever possible
+            assert 0 <= top <= h - side and 0 <= left <= w - side
+        else:
+            assert side == max(np.ptp(ys), np.ptp(xs)) + 1
+        out, out_mask = crop_resize(image, mask, np.random.default_rng(trial), cfg)
+        assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+        assert out_mask.shape == (64, 64) and out_mask.dtype == np.uint8
+        assert set(np.unique(out_mask)) <= {0, 255}
+        n = int((out_mask > 0).sum())
+        assert n > 0
+        # area preserved up to resampling at the boundary: nothing was clipped
+        scale = 64 / side
+        expected = keep.sum() * scale**2
+        boundary = 2 * ((np.ptp(ys) + 1) + (np.ptp(xs) + 1)) * scale + 8
+        assert abs(n - expected) <= boundary + 0.05 * expected, (trial, n, expected, boundary)
+
+
+def test_crop_resize_scale_and_product_fraction():
+    mask = np.zeros((200, 300), np.uint8)
+    mask[90:110, 140:160] = 255  # 20 px product
+    cfg = CropConfig(resolution=32, scale_range=(0.1, 1.0), min_product_fraction=0.5)
+    sides = {sample_crop(mask, np.random.default_rng(s), cfg)[2] for s in range(50)}
+    assert min(sides) >= 20 and max(sides) <= 40  # at least half the crop is product extent
+    cfg = CropConfig(resolution=32, scale_range=(0.5, 0.8), min_product_fraction=0.0)
+    sides = {sample_crop(mask, np.random.default_rng(s), cfg)[2] for s in range(50)}
+    assert min(sides) >= 100 and max(sides) <= 160 and len(sides) > 5
+    sides = {sample_crop(np.zeros((200, 300), np.uint8), np.random.default_rng(s), cfg)[2] for s in range(20)}
+    assert min(sides) >= 100 and max(sides) <= 160
+
+
+def test_crop_resize_pads_a_product_larger_than_the_image_side():
+    rng = np.random.default_rng(14)
+    image = random_image(rng, 20, 100)
+    mask = np.zeros((20, 100), np.uint8)
+    mask[5:15, 10:90] = 255  # 80 px wide in a 20 px tall image
+    top, left, side = sample_crop(mask, np.random.default_rng(0), CropConfig(resolution=40))
+    assert side == 80 and left == 10 and -60 <= top <= 0
+    out, out_mask = crop_resize(image, mask, np.random.default_rng(0), CropConfig(resolution=80, flip_probability=0))
+    ys, xs = np.nonzero(out_mask)
+    assert xs.min() == 0 and xs.max() == 79 and np.ptp(ys) + 1 == 10
+    np.testing.assert_array_equal(out[-top:-top + 20], image[:, 10:90])  # same size: no resampling
+
+
+def test_crop_resize_flip_is_consistent_and_deterministic():
+    rng = np.random.default_rng(15)
+    image, mask = random_image(rng, 90, 70), random_product(rng, 90, 70)
+    plain = crop_resize(image, mask, np.random.default_rng(3), CropConfig(resolution=48, flip_probability=0.0))
+    flipped = crop_resize(image, mask, np.random.default_rng(3), CropConfig(resolution=48, flip_probability=1.0))
+    np.testing.assert_array_equal(flipped[0], plain[0][:, ::-1])
+    np.testing.assert_array_equal(flipped[1], plain[1][:, ::-1])
+    again = crop_resize(image, mask, np.random.default_rng(3), CropConfig(resolution=48, flip_probability=0.0))
+    for x, y in zip(plain, again, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # image and mask stay aligned: the product is the only red thing in the image
+    red = np.zeros((90, 70, 3), np.uint8)
+    red[mask > 0] = (255, 0, 0)
+    out, out_mask = crop_resize(red, mask, np.random.default_rng(4), CropConfig(resolution=48, flip_probability=1.0))
+    inside = out_mask > 0
+    assert out[inside, 0].mean() > 200 and out[~inside, 0].mean() < 60
+
+
+def test_configs_validate():
+    with pytest.raises(ValueError):
+        CropConfig(flip_probability=1.5)
+    with pytest.raises(ValueError):
+        CropConfig(scale_range=(0.8, 0.5))
+    with pytest.raises(ValueError):
+        PGAugmentConfig(dilation_px=(10, 5))
+    with pytest.raises(ValueError):
+        PGAugmentConfig(mix_probability=-0.1)
+    with pytest.raises(ValueError):
+        PGAugmentConfig(max_shift=1.0)
