@@ -8,7 +8,8 @@ from PIL import Image
 
 from bgjax.data.augment import CropConfig, PGAugmentConfig
 from bgjax.data.convert import write_dataset
-from bgjax.data.pipeline import PipelineConfig, make_dataset, prompt_tables, read_manifest
+from bgjax.data.convert import read_manifest
+from bgjax.data.pipeline import PipelineConfig, make_dataset, prompt_tables
 from bgjax.data.sources import list_folder
 from bgjax.method.config import MethodConfig
 from bgjax.method.prompts import PromptBuilder
@@ -96,3 +97,29 @@ def test_worker_processes_give_the_same_batches(catalogue):
     for a, b in zip(serial, parallel, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_latent_cache_holds_the_vae_posterior_of_its_crops(catalogue, tiny_diffusers_dir, tmp_path):
+    import jax.numpy as jnp
+
+    from bgjax import model_dir
+    from bgjax.convert.diffusers_folder import import_diffusers
+    from bgjax.data.augment import to_float
+    from bgjax.data.example import decode_example
+    from bgjax.data.images import decode_rgb
+    from bgjax.data.latents import cache_latents, decode_latents
+    from bgjax.data.records import read_records
+
+    root, prompts = catalogue
+    import_diffusers(tiny_diffusers_dir, tmp_path / "model")
+    m = cache_latents(root / "arrayrecord", tmp_path / "model", tmp_path / "cache", resolution=32, batch_size=4)
+    assert m["num_written"] == sum(s["num_records"] for s in m["shards"]) == 24
+    vae, params = model_dir.load_component(tmp_path / "model", "vae")
+    ex = decode_example(next(read_records(tmp_path / "cache" / m["shards"][0]["path"])))
+    image = decode_rgb(ex["image"][0])
+    mean, logvar = vae.apply({"params": params}, jnp.asarray(to_float(image))[None], method=vae.encode)
+    cached = decode_latents(ex)
+    np.testing.assert_allclose(cached["latent_mean"], np.asarray(mean[0]), rtol=2e-3, atol=2e-3)  # fp16 storage
+    np.testing.assert_allclose(cached["latent_logvar"], np.asarray(logvar[0]), rtol=2e-3, atol=2e-3)
+    batch = next(iter(make_dataset(tmp_path / "cache", _config(), prompts)))
+    assert batch["latent_mean"].shape == (4, 16, 16, 4) and batch["image"].shape == (4, 32, 32, 3)

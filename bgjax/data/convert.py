@@ -48,6 +48,13 @@ def _load_pair(image: Path, mask: Path | None, what: str) -> tuple[bytes, bytes,
     return _image_bytes(image, array), encode_png(mask_array), array.shape[:2]
 
 
+def read_manifest(data_dir: Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (write records with `bgjax data ...` first)")
+    return json.loads(path.read_text())
+
+
 def make_record(item: InputItem, category_id: int) -> bytes:
     """One serialized tf.train.Example; raises Rejected with the reason."""
     if item.synthetic is not None:
@@ -66,7 +73,7 @@ def make_record(item: InputItem, category_id: int) -> bytes:
     return encode_example(features)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -91,7 +98,7 @@ def _write_shard(job: tuple[Path, str, list[InputItem], dict[str, int]]) -> dict
     finally:
         w.close()
     os.replace(tmp, path)
-    done = {"path": path.name, "num_records": len(ids), "sha256": _sha256(path), "ids": ids, "rejected": rejected}
+    done = {"path": path.name, "num_records": len(ids), "sha256": sha256_file(path), "ids": ids, "rejected": rejected}
     write_json(path.with_name(path.name + ".done.json"), done)
     return done
 
@@ -103,7 +110,7 @@ def _finished(path: Path, items: list[InputItem]) -> dict | None:
         return None
     done = json.loads(marker.read_text())
     accounted = sorted(done["ids"] + [r["id"] for r in done["rejected"]])
-    if accounted != sorted(i.id for i in items) or done["sha256"] != _sha256(path):
+    if accounted != sorted(i.id for i in items) or done["sha256"] != sha256_file(path):
         return None
     return done
 

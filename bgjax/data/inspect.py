@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 
 from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, pg_augment
+from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
-from bgjax.data.pipeline import read_manifest
 from bgjax.data.records import read_records
 
 

@@ -14,15 +14,16 @@ A batch is a dict of numpy arrays:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import grain
 import numpy as np
 
 from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, pg_augment
+from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
+from bgjax.data.latents import decode_latents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +37,6 @@ class PipelineConfig:
     interleave_cycle_length: int = 4  # TFRecord only
 
 
-def read_manifest(data_dir: Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (write records with `bgjax data ...` first)")
-    return json.loads(path.read_text())
-
-
 class Decode(grain.transforms.Map):
     """Record bytes -> image, mask and the category's prompt arrays (looked up, not re-tokenised)."""
 
@@ -52,9 +46,11 @@ class Decode(grain.transforms.Map):
     def map(self, record: bytes) -> dict:
         ex = decode_example(record)
         cid = ex["category_id"][0]
-        out = {"image": decode_rgb(ex["image"][0]), "mask": decode_mask(ex["mask"][0]),
+        out = {"image": decode_rgb(ex["image"][0]), "mask": (decode_mask(ex["mask"][0]) > 127).astype(np.uint8),
                "category_id": np.int32(cid)}
         out.update({k: v[cid] for k, v in self.prompts.items()})
+        if "latent_mean" in ex:
+            out.update(decode_latents(ex))
         return out
 
 
@@ -92,7 +88,10 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
     if manifest["format"] == "arrayrecord":
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).seed(cfg.seed).shuffle()
         ds = ds.repeat(cfg.num_epochs)[process_index::process_count]
-        ds = ds.map(Decode(prompts)).random_map(Crop(cfg.crop)).batch(cfg.batch_size, drop_remainder=True)
+        ds = ds.map(Decode(prompts))
+        if "latents" not in manifest:
+            ds = ds.random_map(Crop(cfg.crop))
+        ds = ds.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
             ds = ds.random_map(PGPerturb(cfg.pg))
         it = ds.to_iter_dataset()
@@ -100,8 +99,10 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
         files = grain.MapDataset.source(paths).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
         files = files[process_index::process_count].map(grain.experimental.TFRecordIterDataset)
         it = grain.experimental.InterleaveIterDataset(files, cycle_length=cfg.interleave_cycle_length)
-        it = it.map(Decode(prompts)).random_map(Crop(cfg.crop), seed=cfg.seed).batch(cfg.batch_size,
-                                                                                      drop_remainder=True)
+        it = it.map(Decode(prompts))
+        if "latents" not in manifest:
+            it = it.random_map(Crop(cfg.crop), seed=cfg.seed)
+        it = it.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
             it = it.random_map(PGPerturb(cfg.pg), seed=cfg.seed + 1)
     if cfg.workers:
