@@ -53,16 +53,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=40, help="timed batches, after 3 untimed")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--no-pg", dest="pg", action="store_false", help="stage-1 inputs: no PG perturbation")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = make_catalogue(Path(tmp), args.num, int(args.resolution * 1.3))
         prompts = {"input_ids": np.zeros((10, 77), np.int32), "fg_tokens": np.ones((10, 77), np.float32),
                    "bg_tokens": np.ones((10, 77), np.float32), "identifier_index": np.zeros(10, np.int32)}
         print(f"{args.num} JPEG records at {int(args.resolution * 1.3)} px -> "
-              f"{args.resolution} px, PG augmentation on, batch {args.batch}")
+              f"{args.resolution} px, PG augmentation {'on' if args.pg else 'off'}, batch {args.batch}")
         for workers in args.workers:
             cfg = PipelineConfig(batch_size=args.batch, seed=0, workers=workers,
-                                 crop=CropConfig(resolution=args.resolution), pg=PGAugmentConfig())
+                                 crop=CropConfig(resolution=args.resolution), pg=PGAugmentConfig() if args.pg else None)
             it = iter(make_dataset(data, cfg, prompts))
             for _ in range(3):  # start-up, worker spawn and prefetch buffers outside the timing
                 next(it)
