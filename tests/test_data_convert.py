@@ -189,3 +189,13 @@ def test_folder_listing_with_cutouts_csv_and_broken_jsonl(tmp_path):
     (tmp_path / "cats.jsonl").write_text('{"image": "a.png", "category": "lamp"}\n{not json\n')
     listing = list_folder(tmp_path / "img", tmp_path / "cats.jsonl")
     assert len(listing.items) == 1 and "invalid JSON" in listing.rejected[0]["reason"]
+
+
+def test_inspect_reports_counts_reasons_and_draws_a_grid(bg60k, tmp_path, capsys):
+    root, _ = bg60k
+    write_dataset(list_bg60k(root), tmp_path, workers=1)
+    assert main(["data", "inspect", str(tmp_path), "--num", "4"]) == 0
+    report = capsys.readouterr().out
+    assert "7 records of 17 inputs" in report and "lamp 4" in report and "decompression bomb" in report
+    grid = Image.open(tmp_path / "inspect.png")
+    assert grid.size == (6 * 128, 4 * 128)  # 4 samples x (image, mask, crop, crop mask, PG ref, PG mask)
