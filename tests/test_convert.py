@@ -192,3 +192,20 @@ def test_tokenizer_reads_local_files_only(tiny_diffusers_dir, tmp_path):
     assert len(ids) == 77 and ids[0] == 512 and ids[12] == 513  # BOS, 11 characters, EOS
     with pytest.raises(FileNotFoundError, match="missing vocab.json, merges.txt"):
         load_tokenizer(tmp_path)
+
+
+def test_bin_weights_convert_like_safetensors(tiny_models, converted, tmp_path):
+    from bgjax.convert.diffusers_folder import import_diffusers
+    from tests.conftest import save_diffusers_folder
+
+    src = save_diffusers_folder(tiny_models, tmp_path / "src")
+    for kind in ("unet", "vae"):  # the older PyTorch pickle format, read with weights_only
+        folder = src / kind
+        (folder / "diffusion_pytorch_model.safetensors").unlink()
+        tiny_models[kind].save_pretrained(folder, safe_serialization=False)
+        assert (folder / "diffusion_pytorch_model.bin").is_file()
+    import_diffusers(src, tmp_path / "out")
+    for kind in ("unet", "vae"):
+        _, want = model_dir.load_component(converted, kind)
+        _, got = model_dir.load_component(tmp_path / "out", kind)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
