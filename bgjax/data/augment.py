@@ -423,6 +423,33 @@ def _scaled_dilation(cfg: PGAugmentConfig, shape: tuple[int, int], rng: np.rando
     return int(rng.integers(lo, max(lo, hi) + 1))
 
 
+def pg_perturb(
+    image: np.ndarray,
+    mask: np.ndarray,
+    other_image: np.ndarray | None,
+    rng: np.random.Generator,
+    cfg: PGAugmentConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The perturbation in uint8: (translate(I~, delta) uint8, blank, M').
+
+    `blank` (H, W) bool marks the pixels c_pg zeroes: M' and whatever the shift vacated;
+    c_pg = to_float(shifted) * (1 - blank). Kept in uint8 for the loader, a quarter of the
+    bytes of float32 and no float passes over the image.
+    """
+    image = _check_image(image)
+    keep = binary_mask(mask)
+    _check_pair(image, keep)
+    height, width = keep.shape
+    # k and delta are drawn first: for one seed they do not depend on the shape and mix settings
+    k = _scaled_dilation(cfg, keep.shape, rng)
+    max_dy, max_dx = round(cfg.max_shift * height), round(cfg.max_shift * width)
+    dy, dx = int(rng.integers(-max_dy, max_dy + 1)), int(rng.integers(-max_dx, max_dx + 1))
+    perturbed = translate(random_mask(dilate(keep, k), rng, cfg), dy, dx)
+    mixed, _ = mix_regions(image, other_image, rng, cfg)
+    vacated = ~translate(np.ones(keep.shape, bool), dy, dx)
+    return translate(mixed, dy, dx), perturbed | vacated, perturbed
+
+
 def pg_augment(
     image: np.ndarray,
     mask: np.ndarray,
@@ -437,16 +464,6 @@ def pg_augment(
     exactly 0.0 where M' is 1 and where the shift vacated pixels, and M' as (H, W) float32 {0, 1}.
     `other_image` (I_rand, same shape as `image`) may be None: no mixing.
     """
-    image = _check_image(image)
-    keep = binary_mask(mask)
-    _check_pair(image, keep)
-    height, width = keep.shape
-    # k and delta are drawn first: for one seed they do not depend on the shape and mix settings
-    k = _scaled_dilation(cfg, keep.shape, rng)
-    max_dy, max_dx = round(cfg.max_shift * height), round(cfg.max_shift * width)
-    dy, dx = int(rng.integers(-max_dy, max_dy + 1)), int(rng.integers(-max_dx, max_dx + 1))
-    perturbed = translate(random_mask(dilate(keep, k), rng, cfg), dy, dx)
-    mixed, _ = mix_regions(image, other_image, rng, cfg)
-    shifted = translate(to_float(mixed), dy, dx)
-    c_pg = np.where(perturbed[..., None], np.float32(0.0), shifted)
+    shifted, blank, perturbed = pg_perturb(image, mask, other_image, rng, cfg)
+    c_pg = np.where(blank[..., None], np.float32(0.0), to_float(shifted))
     return c_pg.astype(np.float32, copy=False), perturbed.astype(np.float32)

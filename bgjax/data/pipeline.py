@@ -20,7 +20,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, pg_augment
+from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, pg_perturb
 from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
@@ -67,8 +67,8 @@ class Crop(grain.transforms.RandomMap):
 class PGPerturb(grain.transforms.RandomMap):
     """PG's self-supervised reference: each image is mixed with the next one in its batch.
 
-    Sent as uint8 (the image and the pixels to blank), a quarter of float32's bytes between
-    worker processes; `pg_condition` rebuilds c_pg exactly on the device.
+    Sent as uint8 (the shifted image and the pixels to blank), a quarter of float32's bytes
+    between worker processes; `pg_condition` gives c_pg on the device.
     """
 
     def __init__(self, cfg: PGAugmentConfig):
@@ -78,11 +78,8 @@ class PGPerturb(grain.transforms.RandomMap):
         images, masks = batch["image"], batch["mask"]
         pg_image, pg_mask = [], []
         for i in range(len(images)):
-            c_pg, _ = pg_augment(images[i], masks[i], images[(i + 1) % len(images)], rng, self.cfg)
-            # to_float(x) is never exactly 0 for a uint8 x: zeros are the blanked pixels (M' and
-            # whatever the shift vacated).
-            blank = (c_pg == 0).all(-1)
-            pg_image.append(np.clip(np.rint((c_pg + 1.0) * 127.5), 0, 255).astype(np.uint8))
+            shifted, blank, _ = pg_perturb(images[i], masks[i], images[(i + 1) % len(images)], rng, self.cfg)
+            pg_image.append(shifted)
             pg_mask.append(blank.astype(np.uint8))
         return {**batch, "pg_image": np.stack(pg_image), "pg_mask": np.stack(pg_mask)}
 
