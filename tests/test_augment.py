@@ -15,7 +15,6 @@ from bgjax.data.augment import (
     dilate,
     mix_regions,
     pg_augment,
-    product_condition,
     random_mask,
     sample_crop,
     to_float,
@@ -55,17 +54,10 @@ def random_product(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 # conversions
 
 
-def test_to_float_and_product_condition():
+def test_to_float():
     image = np.array([[[0, 255, 128]]], np.uint8)
     assert to_float(image).dtype == np.float32
     np.testing.assert_allclose(to_float(image), [[[-1.0, 1.0, 128 / 127.5 - 1]]], atol=1e-7)
-    rng = np.random.default_rng(0)
-    image, mask = random_image(rng, 8, 6), random_product(rng, 8, 6)
-    cond = product_condition(image, mask)
-    assert cond.dtype == np.float32 and cond.shape == (8, 6, 3)
-    keep = mask > 0
-    np.testing.assert_array_equal(cond[keep], to_float(image)[keep])
-    assert np.all(cond[~keep] == 0) and not np.signbit(cond[~keep]).any()
 
 
 def test_binary_mask_conventions():

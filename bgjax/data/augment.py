@@ -35,7 +35,7 @@ __all__ = [
     "dilate",
     "mix_regions",
     "pg_augment",
-    "product_condition",
+    "pg_perturb",
     "random_mask",
     "random_shapes",
     "sample_crop",
@@ -81,13 +81,6 @@ def to_float(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {image.dtype}")
     return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def product_condition(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """CG's condition c_cg = I * M in [-1, 1] space (background pixels are exactly 0.0), float32."""
-    keep = binary_mask(mask)
-    _check_pair(image, keep)
-    return np.where(keep[..., None], to_float(image), np.float32(0.0))
 
 
 def _check_image(image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -17,7 +17,6 @@ from bgjax.models.area import area_resize_matrix
 # none: plain cross-attention. mask_guided: CG's y = M_r A_fg + (1 - M_r) A_bg.
 # mask_output: PG's y <- (1 - M_r) y on every cross-attention output.
 RegionMode = Literal["none", "mask_guided", "mask_output"]
-REGION_MODES = ("none", "mask_guided", "mask_output")
 
 
 @flax.struct.dataclass
