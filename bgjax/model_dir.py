@@ -40,8 +40,10 @@ def save_component(model_dir: Path, kind: str, config: dict, params: dict) -> No
                       metadata={"format": FORMAT, "component": kind})
 
 
-def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32, **options):
-    """(module, params) of one component; params keep the stored fp32 unless cast by the caller.
+def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32,
+                   param_dtype: jnp.dtype = jnp.float32, **options):
+    """(module, params) of one component. `dtype` is the compute dtype, `param_dtype` the dtype
+    the stored fp32 params are cast to (bf16 for frozen models saves half the memory).
 
     `options` are module fields beyond the config (see `components.build`)."""
     folder = Path(model_dir) / kind
@@ -59,7 +61,7 @@ def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32, *
             raise CheckpointError(f"{folder / PARAMS_FILE}: key {key!r} has shape {stored[key].shape}, "
                                   f"expected {want.shape}")
     # Module names contain dots themselves, so the template decides where the tree nests.
-    return module, unflatten_dict({path: stored[".".join(path)] for path in flatten_dict(shapes)})
+    return module, unflatten_dict({path: stored[".".join(path)].astype(param_dtype, copy=False) for path in flatten_dict(shapes)})
 
 
 def write_manifest(model_dir: Path, components: list[str], source: str) -> None:

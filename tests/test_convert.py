@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -52,6 +53,8 @@ def test_round_trip_is_identical_and_loads_without_key_warnings(converted, tiny_
 def test_converted_model_dir_loads_with_the_stored_shapes(converted):
     module, params = model_dir.load_component(converted, "unet")
     assert params["conv_in"]["kernel"].shape == (3, 3, 4, 32)  # HWIO
+    _, bf16 = model_dir.load_component(converted, "unet", param_dtype=jnp.bfloat16)
+    assert bf16["conv_in"]["kernel"].dtype == jnp.bfloat16
     assert params["down_blocks.0"]["attentions.0"]["transformer_blocks.0"]["attn1"]["to_q"]["kernel"].shape == (32, 32)
 
 

@@ -5,38 +5,88 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
-from bgjax.cli import main
-from bgjax.data.synthetic import CATEGORIES, classify_background, make_sample, samples, save_rgba_cutout
+from bgjax.data.synthetic import (
+    CATEGORIES,
+    COVERAGE,
+    background_style_features,
+    classify_background,
+    make_sample,
+    samples,
+    save_rgba_cutout,
+)
 
 
-def test_deterministic_per_index_and_seed():
-    a, b, c = make_sample(3, seed=1), make_sample(3, seed=1), make_sample(3, seed=2)
-    np.testing.assert_array_equal(a.image, b.image)
-    np.testing.assert_array_equal(a.mask, b.mask)
-    assert not np.array_equal(a.image, c.image)
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in ((a.image, b.image), (a.mask, b.mask), (a.background, b.background)))
 
 
-def test_masks_are_exact_and_products_inside_the_frame():
-    seen = set()
-    for s in samples(36, seed=0, size=96):
-        seen.add(s.category)
+def test_deterministic_per_index_seed_size_and_category():
+    a = make_sample(3, seed=1)
+    assert _same(a, make_sample(3, seed=1)) and a.id == make_sample(3, seed=1).id
+    assert a.category == CATEGORIES[3] and a.image.shape == (128, 128, 3) and a.image.dtype == np.uint8
+    assert not np.array_equal(a.image, make_sample(3, seed=2).image)
+    assert not np.array_equal(a.image, make_sample(9, seed=1).image)  # same category, other index
+    b = make_sample(3, seed=1, size=64, category="table fan")
+    assert b.category == "table fan" and b.image.shape == (64, 64, 3) and b.mask.shape == (64, 64)
+    assert _same(b, make_sample(3, seed=1, size=64, category="table fan"))
+
+
+def test_rejects_unknown_category_and_tiny_sizes():
+    with pytest.raises(ValueError, match="unknown synthetic category"):
+        make_sample(0, category="toaster")
+    with pytest.raises(ValueError, match="size"):
+        make_sample(0, size=8)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_masks_are_exact_and_products_inside_the_frame(size):
+    for s in samples(24, seed=5, size=size):
         product = s.mask > 0
-        assert set(np.unique(s.mask)) == {0, 255}
+        assert s.mask.dtype == np.uint8 and set(np.unique(s.mask)) == {0, 255}
         np.testing.assert_array_equal(s.image[~product], s.background[~product])
-        assert 0.08 < product.mean() < 0.5
+        assert COVERAGE[0] <= product.mean() <= COVERAGE[1], (s.id, product.mean())
         assert not (product[0].any() or product[-1].any() or product[:, 0].any() or product[:, -1].any())
-        np.testing.assert_array_equal(np.asarray(save_rgba_cutout(s))[..., 3], s.mask)
-    assert seen == set(CATEGORIES)
+        # visibly different: product colour far from the background colour
+        gap = np.linalg.norm(s.image[product].mean(0).astype(float) - s.image[~product].mean(0))
+        assert gap > 25, (s.id, gap)
 
 
-def test_background_style_identifies_the_category():
-    fresh = list(samples(60, seed=7, size=128))
+def test_every_category_in_order():
+    got = [s.category for s in samples(2 * len(CATEGORIES), seed=0, size=64)]
+    assert got == list(CATEGORIES) * 2
+    assert all(" " in c for c in CATEGORIES) and len(set(CATEGORIES)) == len(CATEGORIES)
+
+
+def test_rgba_cutout_alpha_is_the_mask():
+    s = make_sample(4, seed=3, size=96)
+    rgba = np.asarray(save_rgba_cutout(s))
+    assert rgba.shape == (96, 96, 4)
+    np.testing.assert_array_equal(rgba[..., 3], s.mask)
+    inside = s.mask > 0
+    np.testing.assert_array_equal(rgba[..., :3][inside], s.image[inside])
+    assert not rgba[..., :3][~inside].any()
+
+
+def test_features_use_background_pixels_only():
+    s = make_sample(5, seed=2, size=96)
+    f = background_style_features(s.image, s.mask)
+    assert f.shape == (8,) and np.isfinite(f).all()
+    np.testing.assert_allclose(f, background_style_features(s.background, s.mask), rtol=1e-6)
+    assert not np.allclose(f, background_style_features(s.background, np.zeros_like(s.mask)))
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_background_style_identifies_the_category(size):
+    fresh = list(samples(60, seed=7, size=size))  # centroids come from another seed
     accuracy = np.mean([classify_background(s.image, s.mask) == s.category for s in fresh])
     assert accuracy >= 0.95, accuracy
 
 
 def test_cli_writes_synthetic_records(tmp_path):
+    from bgjax.cli import main
+
     assert main(["data", "synthetic", "--num", "12", "--size", "64", "--out", str(tmp_path), "--workers", "1"]) == 0
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert (m["num_inputs"], m["num_written"], m["rejected"]) == (12, 12, [])
