@@ -61,7 +61,8 @@ def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32,
             raise CheckpointError(f"{folder / PARAMS_FILE}: key {key!r} has shape {stored[key].shape}, "
                                   f"expected {want.shape}")
     # Module names contain dots themselves, so the template decides where the tree nests.
-    return module, unflatten_dict({path: stored[".".join(path)].astype(param_dtype, copy=False) for path in flatten_dict(shapes)})
+    params = {path: stored[".".join(path)].astype(param_dtype, copy=False) for path in flatten_dict(shapes)}
+    return module, unflatten_dict(params)
 
 
 def write_manifest(model_dir: Path, components: list[str], source: str) -> None:
