@@ -84,12 +84,13 @@ def sha256_file(path: Path) -> str:
 def _write_shard(job: tuple[Path, str, list[InputItem], dict[str, int]]) -> dict:
     path, fmt, items, vocab = job
     tmp = path.with_name(path.name + ".tmp")
-    w, ids, rejected = records.writer(tmp, fmt), [], []
+    w, ids, rejected, counts = records.writer(tmp, fmt), [], [], {}
     try:
         for item in items:
             try:
                 w.write(make_record(item, vocab[item.category]))
                 ids.append(item.id)
+                counts[item.category] = counts.get(item.category, 0) + 1
             except Rejected as e:
                 rejected.append({"input": str(item.image or item.id), "id": item.id, "reason": str(e)})
             except Exception as e:  # one bad file never stops a conversion; its reason is kept
@@ -98,7 +99,8 @@ def _write_shard(job: tuple[Path, str, list[InputItem], dict[str, int]]) -> dict
     finally:
         w.close()
     os.replace(tmp, path)
-    done = {"path": path.name, "num_records": len(ids), "sha256": sha256_file(path), "ids": ids, "rejected": rejected}
+    done = {"path": path.name, "num_records": len(ids), "sha256": sha256_file(path), "ids": ids, "rejected": rejected,
+            "category_counts": counts}
     write_json(path.with_name(path.name + ".done.json"), done)
     return done
 
@@ -149,6 +151,7 @@ def write_dataset(listing: Listing, out: Path, fmt: records.Format = "arrayrecor
         "rejected": listing.rejected + [r for s in shards for r in s["rejected"]],
         "shards": [{"path": s["path"], "num_records": s["num_records"], "sha256": s["sha256"]} for s in shards],
         "categories": vocab,
+        "category_counts": {name: sum(s["category_counts"].get(name, 0) for s in shards) for name in vocab},
     }
     if manifest["num_inputs"] != manifest["num_written"] + len(manifest["rejected"]):
         raise AssertionError("an input was neither written nor rejected")  # a bug, never bad data

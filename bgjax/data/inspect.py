@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,11 @@ def inspect_dataset(data_dir: Path, num: int = 16, resolution: int = 128, seed: 
     image, its mask, the training crop, and PG's perturbed reference with its mask."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    counts, rows, samples = collections.Counter(), [], []
-    for shard in manifest["shards"]:
-        for record in read_records(data_dir / shard["path"]):
-            ex = decode_example(record)
-            counts[ex["category"][0].decode()] += 1
-            if len(samples) < num:
-                samples.append((decode_rgb(ex["image"][0]), decode_mask(ex["mask"][0])))
+    # Only the first `num` records are read: the counts are in the manifest.
+    records = (r for shard in manifest["shards"] for r in read_records(data_dir / shard["path"]))
+    examples = (decode_example(r) for r in itertools.islice(records, num))
+    samples = [(decode_rgb(ex["image"][0]), decode_mask(ex["mask"][0])) for ex in examples]
+    rows = []
     rng = np.random.default_rng(seed)
     crop_cfg, pg_cfg = CropConfig(resolution=resolution), PGAugmentConfig()
     crops = [crop_resize(image, mask, rng, crop_cfg) for image, mask in samples]
@@ -46,7 +45,7 @@ def inspect_dataset(data_dir: Path, num: int = 16, resolution: int = 128, seed: 
     reasons = collections.Counter(r["reason"].split(":")[-1].strip() for r in manifest["rejected"])
     lines = [f"{data_dir}: {manifest['num_written']} records of {manifest['num_inputs']} inputs "
              f"({manifest['format']}, {len(manifest['shards'])} shards)",
-             "categories: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))]
+             "categories: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["category_counts"].items()))]
     lines += [f"rejected {n}: {reason}" for reason, n in reasons.most_common()]
     if rows:
         lines.append(f"grid: {data_dir / 'inspect.png'} (image, mask, training crop, crop mask, PG reference, "
