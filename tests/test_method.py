@@ -15,12 +15,12 @@ from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser
 from bgjax.method.prompts import CategoryVocabulary, PromptBuilder, embed_with_identifiers, init_identifiers
 from bgjax.models.attention import Attention
+from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from bgjax.models.components import build, init_params
 from bgjax.models.controlnet import controlnet_params_from_unet
 from bgjax.models.region import Region, area_resize
 from bgjax.models.text_encoder import load_tokenizer
 from bgjax.models.unet import BasicTransformerBlock
-from tests.conftest import write_tiny_tokenizer
 from tests.torch_reference import SD1_TINY
 
 CG_CONFIG = dict(SD1_TINY, conditioning_embedding_out_channels=(8, 16))
@@ -172,7 +172,7 @@ def test_identifiers_are_written_at_their_positions():
 
 @pytest.fixture(scope="module")
 def builder(tmp_path_factory):
-    return PromptBuilder(load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok"))), MethodConfig())
+    return PromptBuilder(load_tokenizer(write_byte_tokenizer(tmp_path_factory.mktemp("tok"))), MethodConfig())
 
 
 def _span_text(builder, prompt, span):

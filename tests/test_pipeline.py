@@ -12,8 +12,8 @@ from bgjax.data.pipeline import PGPerturb, PipelineConfig, make_dataset, pg_cond
 from bgjax.data.sources import list_folder
 from bgjax.method.config import MethodConfig
 from bgjax.method.prompts import PromptBuilder
+from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from bgjax.models.text_encoder import load_tokenizer
-from tests.conftest import write_tiny_tokenizer
 
 CATEGORIES = ("rice cooker", "lamp", "coffee mug")
 
@@ -35,7 +35,7 @@ def catalogue(tmp_path_factory):
     listing = list_folder(root / "img", root / "cats.csv")
     for fmt in ("arrayrecord", "tfrecord"):
         write_dataset(listing, root / fmt, fmt, records_per_shard=5, workers=1)
-    builder = PromptBuilder(load_tokenizer(write_tiny_tokenizer(root / "tok")), MethodConfig())
+    builder = PromptBuilder(load_tokenizer(write_byte_tokenizer(root / "tok")), MethodConfig())
     return root, prompt_tables(builder, read_manifest(root / "arrayrecord")["categories"])
 
 
