@@ -6,7 +6,7 @@ only on (seed, step) and a restored iterator state continues exactly. TFRecord s
 through grain's TFRecord dataset with interleave.
 
 A batch is a dict of numpy arrays:
-    image (B, R, R, 3) uint8, mask (B, R, R) uint8 {0, 1}, category_id (B,) int32,
+    image (B, R, R, 3) uint8, mask (B, R, R) uint8 {0, 1}, category_id (B,) int32, example_seed (B,) uint32,
     input_ids (B, 77) int32, fg_tokens / bg_tokens (B, 77) float32, identifier_index (B,) int32,
     and with PG augmentation: pg_image (B, R, R, 3) uint8 and pg_mask (B, R, R) uint8, from
     which `pg_condition` gives c_pg in [-1, 1].
@@ -15,6 +15,7 @@ A batch is a dict of numpy arrays:
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from pathlib import Path
 
 import grain
@@ -39,20 +40,30 @@ class PipelineConfig:
 
 
 class Decode(grain.transforms.Map):
-    """Record bytes -> image, mask and the category's prompt arrays (looked up, not re-tokenised)."""
+    """Record bytes -> image, mask and the category's prompt arrays (looked up, not re-tokenised).
+
+    `example_seed` keys the trainer's per-example randomness: the record's position in the
+    shuffled stream (ArrayRecord), or a hash of its id (TFRecord, which has no positions).
+    """
 
     def __init__(self, prompts: dict[str, np.ndarray]):
         self.prompts = prompts
 
-    def map(self, record: bytes) -> dict:
+    def map(self, element: bytes | tuple[int, bytes]) -> dict:
+        position, record = element if isinstance(element, tuple) else (None, element)
         ex = decode_example(record)
         cid = ex["category_id"][0]
+        seed = zlib.crc32(ex["id"][0]) if position is None else position % 2**32
         out = {"image": decode_rgb(ex["image"][0]), "mask": (decode_mask(ex["mask"][0]) > 127).astype(np.uint8),
-               "category_id": np.int32(cid)}
+               "category_id": np.int32(cid), "example_seed": np.uint32(seed)}
         out.update({k: v[cid] for k, v in self.prompts.items()})
         if "latent_mean" in ex:
             out.update(decode_latents(ex))
         return out
+
+
+def _with_position(position: int, record: bytes) -> tuple[int, bytes]:
+    return position, record
 
 
 class Crop(grain.transforms.RandomMap):
@@ -100,8 +111,8 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
         raise ValueError(f"{data_dir}: the manifest lists no records")
     if manifest["format"] == "arrayrecord":
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).seed(cfg.seed).shuffle()
-        ds = ds.repeat(cfg.num_epochs)[process_index::process_count]
-        ds = ds.map(Decode(prompts))
+        ds = ds.repeat(cfg.num_epochs).map_with_index(_with_position)
+        ds = ds[process_index::process_count].map(Decode(prompts))
         if "latents" not in manifest:
             ds = ds.random_map(Crop(cfg.crop))
         ds = ds.batch(cfg.batch_size, drop_remainder=True)
