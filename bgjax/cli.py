@@ -51,6 +51,18 @@ def _data_inspect(args: argparse.Namespace) -> None:
     print(inspect_dataset(Path(args.dir), num=args.num))
 
 
+def _metric_weights(args: argparse.Namespace) -> None:
+    from bgjax.eval.weights import convert_metric_weights
+
+    ignored = convert_metric_weights(args.kind, Path(args.src), Path(args.out), args.config)
+    reasons: dict[str, list[str]] = {}
+    for key, reason in ignored.items():
+        reasons.setdefault(reason, []).append(key)
+    for reason, keys in reasons.items():
+        print(f"ignored {len(keys)} keys ({reason}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    print(f"wrote {args.kind} weights to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgjax", description="E-commerce product backgrounds with JAX.")
     parser.add_argument("--version", action="version", version=f"bgjax {__version__}")
@@ -99,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--num", type=int, default=16)
     p.set_defaults(run=_data_inspect)
+
+    p = sub.add_parser("metric-weights", help="CLIP / FID Inception weights (local files) -> config.json + params")
+    p.add_argument("kind", choices=("clip", "inception"))
+    p.add_argument("src", help="clip: a transformers CLIP folder, or a .safetensors/.bin file with config.json "
+                               "beside it; inception: pytorch-fid's pt_inception-2015-12-05-*.pth")
+    p.add_argument("--out", required=True, help="the folder for config.json and params.safetensors")
+    p.add_argument("--config", help="clip: the config.json to use instead of the one beside SRC")
+    p.set_defaults(run=_metric_weights)
     return parser
 
 

@@ -33,11 +33,16 @@ def _dotted(tree: dict) -> dict[str, np.ndarray]:
     return {".".join(path): v for path, v in flatten_dict(tree).items()}
 
 
-def save_component(model_dir: Path, kind: str, config: dict, params: dict) -> None:
-    folder = Path(model_dir) / kind
+def save_params(folder: Path, config: dict, params: dict, component: str) -> None:
+    """`folder/config.json` and `folder/params.safetensors` (fp32, keys = dotted tree paths)."""
+    folder = Path(folder)
     write_json(folder / "config.json", config)
     write_safetensors(folder / PARAMS_FILE, {k: np.asarray(v, np.float32) for k, v in _dotted(params).items()},
-                      metadata={"format": FORMAT, "component": kind})
+                      metadata={"format": FORMAT, "component": component})
+
+
+def save_component(model_dir: Path, kind: str, config: dict, params: dict) -> None:
+    save_params(Path(model_dir) / kind, config, params, kind)
 
 
 def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32,
@@ -48,8 +53,13 @@ def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32,
     `options` are module fields beyond the config (see `components.build`)."""
     folder = Path(model_dir) / kind
     module = build(kind, read_config_json(folder / "config.json"), dtype, **options)
+    return module, load_params(folder, param_shapes(kind, module), param_dtype)
+
+
+def load_params(folder: Path, shapes: dict, param_dtype: jnp.dtype = jnp.float32) -> dict:
+    """`folder/params.safetensors` as a tree shaped like `shapes`; every key and shape is checked."""
+    folder = Path(folder)
     stored = read_safetensors(folder / PARAMS_FILE)
-    shapes = param_shapes(kind, module)
     template = _dotted(shapes)
     missing = sorted(set(template) - set(stored))
     unexpected = sorted(set(stored) - set(template))
@@ -62,7 +72,7 @@ def load_component(model_dir: Path, kind: str, dtype: jnp.dtype = jnp.float32,
                                   f"expected {want.shape}")
     # Module names contain dots themselves, so the template decides where the tree nests.
     params = {path: stored[".".join(path)].astype(param_dtype, copy=False) for path in flatten_dict(shapes)}
-    return module, unflatten_dict(params)
+    return unflatten_dict(params)
 
 
 def write_manifest(model_dir: Path, components: list[str], source: str) -> None:

@@ -2,7 +2,9 @@
 
 The Flax tree already uses diffusers' dotted module names, so a torch key is the tree
 path joined by '.', with the leaf renamed (kernel/scale/embedding -> weight) and the
-kernel transposed (Dense (in, out) <- Linear (out, in); Conv HWIO <- OIHW).
+kernel transposed (Dense (in, out) <- Linear (out, in); Conv HWIO <- OIHW). Any other leaf
+is a bare torch parameter or buffer and keeps its name (CLIP's `class_embedding`, BatchNorm's
+`running_mean`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _from_torch(leaf: str, value: np.ndarray) -> np.ndarray:
 
 
 def torch_key(path: tuple[str, ...]) -> str:
-    return ".".join((*path[:-1], _LEAF_TO_TORCH[path[-1]]))
+    return ".".join((*path[:-1], _LEAF_TO_TORCH.get(path[-1], path[-1])))
 
 
 def params_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ simply the final layer of the stored model, followed by `final_layer_norm`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -24,9 +25,22 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     return nn.gelu(x, approximate=False)
 
 
+class EncoderConfig(Protocol):
+    """What a CLIP encoder layer reads: a CLIPTextConfig, or the image tower's CLIPVisionConfig."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    hidden_act: str
+    layer_norm_eps: float
+
+
 class CLIPEncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    """Pre-LN self-attention + MLP; causal in the text tower, bidirectional in the image tower."""
+
+    config: EncoderConfig
     dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -34,7 +48,7 @@ class CLIPEncoderLayer(nn.Module):
         heads = cfg.num_attention_heads
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm1")(x)
         x = x + Attention(heads, cfg.hidden_size // heads, qkv_bias=True, dtype=self.dtype,
-                          names=("q_proj", "k_proj", "v_proj", "out_proj"), name="self_attn")(h, is_causal=True)
+                          names=("q_proj", "k_proj", "v_proj", "out_proj"), name="self_attn")(h, is_causal=self.causal)
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm2")(x)
         h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="mlp.fc1")(h)
         return x + nn.Dense(cfg.hidden_size, dtype=self.dtype, name="mlp.fc2")(_activation(cfg.hidden_act, h))

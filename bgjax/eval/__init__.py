@@ -1,0 +1,1 @@
+"""Evaluation metrics: CLIP background similarity and FID (InceptionV3 features, Frechet distance)."""
