@@ -1,4 +1,5 @@
-"""bgjax.data.augment: crop/resize/flip and PG's self-supervised perturbations."""
+"""bgjax.data.augment: crop/resize/flip and PG's self-supervised perturbations; bgjax.data.pg_render:
+the same perturbations rendered in JAX, bit-identical to the numpy reference."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from bgjax.data.augment import (
     binary_mask,
     crop_resize,
     dilate,
-    mix_regions,
+    draw_pg_batch,
+    draw_pg_params,
+    fill_spans,
     pg_augment,
-    random_mask,
+    render_pg,
     sample_crop,
     to_float,
     translate,
 )
+from bgjax.data.pg_render import pg_render
 
 OFF = PGAugmentConfig(dilation_px=(0, 0), rect_probability=0.0, blob_probability=0.0, max_shift=0.0,
                       mix_probability=0.0)
@@ -109,33 +113,70 @@ def test_translate_zero_fill():
     assert out.shape == rgb.shape and out.dtype == rgb.dtype and out.sum() == 2 * 3 * 3
 
 
-def test_random_mask_is_a_superset_and_adds_shapes():
+def test_random_shapes_make_a_superset_of_the_mask():
     rng = np.random.default_rng(2)
     mask = np.zeros((64, 64), bool)
     mask[20:40, 25:35] = True
-    cfg = PGAugmentConfig(rect_probability=1.0, blob_probability=1.0, shape_size=(0.2, 0.4))
-    grew = 0
+    cfg = dataclasses.replace(OFF, rect_probability=1.0, blob_probability=1.0, shape_size=(0.2, 0.4))
+    image = random_image(rng, 64, 64)
     for _ in range(10):
-        out = random_mask(mask, rng, cfg)
-        assert out.dtype == np.bool_ and np.all(out[mask])
-        grew += out.sum() > mask.sum()
-    assert grew == 10
-    np.testing.assert_array_equal(random_mask(mask, rng, OFF), mask)
+        _, out = render_pg(image, mask, None, draw_pg_params(mask, rng, cfg))
+        assert out.dtype == np.bool_ and np.all(out[mask]) and out.sum() > mask.sum()
+    np.testing.assert_array_equal(render_pg(image, mask, None, draw_pg_params(mask, rng, OFF))[1], mask)
 
 
-def test_mix_regions():
+def test_shapes_are_fixed_size_whatever_was_drawn():
+    """Unused shape slots are empty spans: the arrays' shapes depend on the config and H only."""
+    rng = np.random.default_rng(16)
+    cfg = PGAugmentConfig(rect_count=(0, 3), blob_count=(1, 2), mix_count=(0, 4))
+    mask = random_product(rng, 30, 50)
+    for _ in range(20):
+        params = draw_pg_params(mask, rng, cfg)
+        assert {k: v.shape for k, v in params.items()} == {
+            "pg_dilation": (), "pg_shift": (2,), "pg_hole_spans": (5, 30, 2), "pg_mix_spans": (4, 30, 2)}
+        assert all(v.dtype == np.int32 for v in params.values())
+        spans = np.concatenate([params["pg_hole_spans"], params["pg_mix_spans"]])
+        lo, hi = spans[..., 0], spans[..., 1]
+        assert np.all((lo >= 0) & (lo <= hi) & (hi <= 50)) and np.all(lo[lo == hi] == 0)
+
+
+def test_shape_spans_match_the_pixel_centre_tests():
+    """Rectangles: rows/columns [round(c - s/2), round(c + s/2)); ellipses: pixel centres with
+    (u/a)^2 + (v/b)^2 <= 1 in the ellipse's rotated frame (a pixel within 1e-9 of the border may
+    go either way)."""
+    from bgjax.data.augment import _ellipse_spans, _rectangle_spans
+
+    rng = np.random.default_rng(17)
+    shape = (45, 70)
+    yy, xx = np.mgrid[0:45, 0:70] + 0.5
+    for _ in range(50):
+        cy, cx = rng.uniform(-10, 55), rng.uniform(-10, 80)
+        h, w = rng.uniform(0, 40, 2)
+        angle = rng.uniform(0, np.pi)
+        got = fill_spans(_ellipse_spans(shape, cy, cx, h, w, angle)[None], 70)
+        a, b = max(w / 2, 0.5), max(h / 2, 0.5)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        q = (u / a) ** 2 + (v / b) ** 2
+        assert np.all((got == (q <= 1)) | (np.abs(q - 1) < 1e-9))
+        got = fill_spans(_rectangle_spans(shape, cy, cx, h, w)[None], 70)
+        rows = (yy - 0.5 >= round(cy - h / 2)) & (yy - 0.5 < round(cy + h / 2))
+        cols = (xx - 0.5 >= round(cx - w / 2)) & (xx - 0.5 < round(cx + w / 2))
+        np.testing.assert_array_equal(got, rows & cols)
+
+
+def test_mixing_takes_the_other_image_in_the_regions():
     rng = np.random.default_rng(3)
     a, b = random_image(rng, 32, 48), random_image(rng, 32, 48)
-    cfg = PGAugmentConfig(mix_probability=1.0, mix_count=(2, 3))
-    mixed, regions = mix_regions(a, b, rng, cfg)
-    assert mixed.dtype == np.uint8 and regions.any() and not regions.all()
-    np.testing.assert_array_equal(mixed[regions], b[regions])
-    np.testing.assert_array_equal(mixed[~regions], a[~regions])
-    mixed, regions = mix_regions(a, b, rng, OFF)
-    assert not regions.any()
-    np.testing.assert_array_equal(mixed, a)
-    mixed, regions = mix_regions(a, None, rng, cfg)
-    np.testing.assert_array_equal(mixed, a)
+    no_product = np.zeros((32, 48), bool)
+    cfg = dataclasses.replace(OFF, mix_probability=1.0, mix_count=(2, 3))
+    params = draw_pg_params(no_product, rng, cfg)
+    regions = fill_spans(params["pg_mix_spans"], 48)
+    assert regions.any() and not regions.all()
+    c_pg, _ = render_pg(a, no_product, b, params)
+    np.testing.assert_array_equal(c_pg, to_float(np.where(regions[..., None], b, a)))
+    np.testing.assert_array_equal(render_pg(a, no_product, None, params)[0], to_float(a))
+    assert not fill_spans(draw_pg_params(no_product, rng, OFF)["pg_mix_spans"], 48).any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +264,83 @@ def test_product_never_visible_without_translation():
         keep = mask > 0
         assert np.all(perturbed[keep] == 1)
         assert np.all(c_pg[keep] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the JAX render (pg_render) against the numpy reference (render_pg)
+
+
+def assert_bit_identical(got, want, what):
+    got = np.asarray(got)
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, got.dtype)
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=what)  # -0.0 != +0.0
+
+
+def assert_render_matches_numpy(images, masks, params):
+    """pg_render on the batch == render_pg per image, each mixed with the next image of the batch."""
+    c_pg, perturbed = pg_render({"image": images, "mask": masks, **params})
+    for i in range(len(images)):
+        want_c, want_m = render_pg(images[i], masks[i], images[(i + 1) % len(images)],
+                                   {k: v[i] for k, v in params.items()})
+        assert_bit_identical(perturbed[i], want_m, f"M' of image {i}")
+        assert_bit_identical(c_pg[i], want_c, f"c_pg of image {i}")
+
+
+def make_batch(rng, size=(40, 56), batch=4):
+    images = np.stack([random_image(rng, *size) for _ in range(batch)])
+    masks = np.stack([random_product(rng, *size) > 0 for _ in range(batch)]).astype(np.uint8)
+    masks[-1] = 0  # no product: shapes anywhere, nothing to dilate
+    return images, masks
+
+
+@pytest.mark.parametrize("name", ["default", "all_on", "far", "off", "no_shape_slots"])
+def test_jax_render_is_bit_identical_to_numpy(name):
+    cfg = {
+        "default": PGAugmentConfig(),
+        "all_on": PGAugmentConfig(rect_probability=1.0, blob_probability=1.0, mix_probability=1.0, mix_count=(2, 5),
+                                  max_shift=0.3, shape_size=(0.05, 0.6)),
+        # shifts up to the whole frame (|delta| = H or W: nothing left), dilations wider than the image
+        "far": PGAugmentConfig(max_shift=0.99, dilation_px=(0, 800), mix_probability=1.0, mix_ellipse_probability=1.0),
+        "off": OFF,
+        "no_shape_slots": PGAugmentConfig(rect_count=(0, 0), blob_count=(0, 0), mix_count=(0, 0)),
+    }[name]
+    rng = np.random.default_rng(20)
+    images, masks = make_batch(rng)
+    for seed in range(6):
+        assert_render_matches_numpy(images, masks, draw_pg_batch(masks, np.random.default_rng(seed), cfg))
+
+
+def test_jax_render_edge_cases_match_numpy():
+    """Hand-made parameters: shifts beyond the frame, k = 0, k beyond the frame, no shapes, empty mix,
+    shapes covering everything."""
+    rng = np.random.default_rng(21)
+    h, w = 40, 56
+    images, masks = make_batch(rng, (h, w), batch=6)
+    full = np.broadcast_to(np.array([0, w], np.int32), (1, h, 2))
+    empty = np.zeros((1, h, 2), np.int32)
+    params = {
+        "pg_dilation": np.array([0, 0, 3, 100, 7, 1], np.int32),
+        "pg_shift": np.array([[h, 0], [0, -w], [h + 5, -w - 9], [-3, 4], [0, 0], [-h + 1, w - 1]], np.int32),
+        "pg_hole_spans": np.stack([empty, full, empty, empty, full, empty]),
+        "pg_mix_spans": np.stack([full, empty, empty, full, empty, empty]),
+    }
+    assert_render_matches_numpy(images, masks, params)
+    c_pg, perturbed = pg_render({"image": images, "mask": masks, **params})
+    assert not np.asarray(perturbed[0]).any() and not np.asarray(c_pg[0]).any()  # shifted out of frame
+    assert np.asarray(perturbed[4]).all() and not np.asarray(c_pg[4]).any()  # a hole over everything
+
+
+def test_jax_dilation_matches_brute_force():
+    rng = np.random.default_rng(22)
+    for _ in range(4):
+        h, w = (int(v) for v in rng.integers(5, 40, 2))
+        masks = (rng.random((3, h, w)) < rng.uniform(0.0, 0.05, (3, 1, 1))).astype(np.uint8)
+        ks = rng.integers(0, 12, 3).astype(np.int32)
+        params = {"pg_dilation": ks, "pg_shift": np.zeros((3, 2), np.int32),
+                  "pg_hole_spans": np.zeros((3, 0, h, 2), np.int32), "pg_mix_spans": np.zeros((3, 0, h, 2), np.int32)}
+        _, perturbed = pg_render({"image": np.zeros((3, h, w, 3), np.uint8), "mask": masks, **params})
+        for i in range(3):
+            np.testing.assert_array_equal(perturbed[i], brute_dilate(masks[i], int(ks[i])))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from PIL import Image
 
 from bgjax.data.augment import CropConfig, PGAugmentConfig
 from bgjax.data.convert import read_manifest, write_dataset
-from bgjax.data.pipeline import PGPerturb, PipelineConfig, make_dataset, pg_condition, prompt_tables
+from bgjax.data.pg_render import pg_condition, pg_render
+from bgjax.data.pipeline import PGPerturb, PipelineConfig, make_dataset, prompt_tables
 from bgjax.data.sources import list_folder
 from bgjax.method.config import MethodConfig
 from bgjax.method.prompts import PromptBuilder
@@ -55,9 +56,14 @@ def test_batches_have_the_documented_shapes(catalogue, fmt):
     assert batch["mask"].shape == (4, 32, 32) and set(np.unique(batch["mask"])) <= {0, 1}
     assert (batch["mask"].reshape(4, -1).sum(1) > 0).all()  # the product stays in frame
     assert batch["input_ids"].shape == (4, 77) and batch["fg_tokens"].shape == (4, 77)
-    assert batch["pg_image"].shape == (4, 32, 32, 3) and batch["pg_image"].dtype == np.uint8
-    c_pg = pg_condition(batch["pg_image"], batch["pg_mask"])
-    assert np.abs(c_pg).max() <= 1.0 and (c_pg[batch["pg_mask"] == 1] == 0).all()
+    cfg = PGAugmentConfig()
+    holes, mixes = cfg.rect_count[1] + cfg.blob_count[1], cfg.mix_count[1]
+    assert {k: (v.shape, v.dtype) for k, v in batch.items() if k.startswith("pg_")} == {
+        "pg_dilation": ((4,), np.int32), "pg_shift": ((4, 2), np.int32),
+        "pg_hole_spans": ((4, holes, 32, 2), np.int32), "pg_mix_spans": ((4, mixes, 32, 2), np.int32)}
+    c_pg, perturbed = (np.asarray(a) for a in pg_render(batch))
+    assert c_pg.shape == (4, 32, 32, 3) and c_pg.dtype == np.float32
+    assert np.abs(c_pg).max() <= 1.0 and (c_pg[perturbed] == 0).all()
     cids = batch["category_id"]
     np.testing.assert_array_equal(batch["input_ids"], prompts["input_ids"][cids])
 
@@ -126,15 +132,19 @@ def test_latent_cache_holds_the_vae_posterior_of_its_crops(catalogue, tiny_diffu
 
 
 def test_pg_condition_rebuilds_the_augmentation_exactly():
+    """The loader's parameters rendered in JAX == the numpy reference drawn from the same generator."""
+    import jax
+
     from bgjax.data.augment import pg_augment
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
     masks = np.zeros((3, 40, 40), np.uint8)
     masks[:, 10:25, 12:30] = 1
-    cfg = PGAugmentConfig(max_shift=0.2)
+    cfg = PGAugmentConfig(max_shift=0.2, mix_probability=1.0)
     batch = PGPerturb(cfg).random_map({"image": images, "mask": masks}, np.random.default_rng(5))
+    c_pg = np.asarray(jax.jit(pg_condition)(batch))
     replay = np.random.default_rng(5)
     for i in range(3):
         want, _ = pg_augment(images[i], masks[i], images[(i + 1) % 3], replay, cfg)
-        np.testing.assert_allclose(pg_condition(batch["pg_image"][i], batch["pg_mask"][i]), want, atol=1e-6)
+        np.testing.assert_array_equal(c_pg[i], want)

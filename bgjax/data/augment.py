@@ -5,15 +5,17 @@ field of a frozen config (`CropConfig`, `PGAugmentConfig`).
 
 - `crop_resize`: a random square crop with scale jitter that keeps the whole product bounding box,
   resized to the training resolution, plus a random horizontal flip of image and mask together.
-- `pg_augment`: the Personality-Wise Generator's self-supervised condition (docs/method.md, "PG
-  self-supervision and the copy shortcut"):
+- PG's self-supervised condition (docs/method.md, "PG self-supervision and the copy shortcut"):
 
       M'   = translate(randmask(dilate(M, k)), delta)
       I~   = I (1 - B) + I_rand B
       c_pg = translate(I~, delta) * (1 - M')        (I~ in [-1, 1]; masked pixels are 0.0 there)
 
   so PG sees a perturbed background whose product hole neither has the product's silhouette nor
-  sits where the product is, and cannot learn to paste its input back.
+  sits where the product is, and cannot learn to paste its input back. The loader only draws the
+  random parameters (`draw_pg_params`, small fixed-size arrays); the pixels are rendered on the
+  accelerator by `bgjax.data.pg_render.pg_condition`, bit-identical to the numpy reference
+  `render_pg` here (`pg_augment` = draw + numpy render).
 
 Image convention: (H, W, 3) uint8 RGB. Mask convention: (H, W) uint8 0/255 (bool, 0/1 integers and
 floats in [0, 1] are accepted too; see `binary_mask`).
@@ -33,11 +35,11 @@ __all__ = [
     "binary_mask",
     "crop_resize",
     "dilate",
-    "mix_regions",
+    "draw_pg_batch",
+    "draw_pg_params",
+    "fill_spans",
     "pg_augment",
-    "pg_perturb",
-    "random_mask",
-    "random_shapes",
+    "render_pg",
     "sample_crop",
     "to_float",
     "translate",
@@ -325,39 +327,57 @@ def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def _rectangle(shape: tuple[int, int], cy: float, cx: float, h: float, w: float) -> np.ndarray:
-    out = np.zeros(shape, bool)
-    y0, y1 = max(0, round(cy - h / 2)), min(shape[0], round(cy + h / 2))
-    x0, x1 = max(0, round(cx - w / 2)), min(shape[1], round(cx + w / 2))
-    out[y0:max(y0, y1), x0:max(x0, x1)] = True
-    return out
+def _rectangle_spans(shape: tuple[int, int], cy: float, cx: float, h: float, w: float) -> np.ndarray:
+    """(H, 2) [lo, hi) column span per row of an axis-aligned rectangle; rows it misses are (0, 0)."""
+    height, width = shape
+    spans = np.zeros((height, 2), np.int32)
+    y0, y1 = max(0, round(cy - h / 2)), min(height, round(cy + h / 2))
+    x0, x1 = max(0, round(cx - w / 2)), min(width, round(cx + w / 2))
+    if x1 > x0:
+        spans[y0:max(y0, y1)] = (x0, x1)
+    return spans
 
 
-def _ellipse(shape: tuple[int, int], cy: float, cx: float, h: float, w: float, angle: float) -> np.ndarray:
-    out = np.zeros(shape, bool)
+def _ellipse_spans(shape: tuple[int, int], cy: float, cx: float, h: float, w: float, angle: float) -> np.ndarray:
+    """(H, 2) [lo, hi) column span per row of an ellipse with diameters w (along its own x axis, at
+    `angle` from the image's x axis) and h, centred at (cy, cx): the pixels whose centre lies inside.
+
+    An ellipse cuts each row in one interval, solved here per row in float64 on the host, so that
+    renderers only compare integer coordinates (bit-identical on every backend)."""
+    height, width = shape
     a, b = max(w / 2, 0.5), max(h / 2, 0.5)  # semi-axes along the rotated x and y
-    reach = max(a, b)
-    y0, y1 = max(0, math.floor(cy - reach)), min(shape[0], math.ceil(cy + reach) + 1)
-    x0, x1 = max(0, math.floor(cx - reach)), min(shape[1], math.ceil(cx + reach) + 1)
-    if y0 >= y1 or x0 >= x1:
-        return out
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    yy, xx = yy + 0.5 - cy, xx + 0.5 - cx
     cos, sin = math.cos(angle), math.sin(angle)
-    u, v = xx * cos + yy * sin, -xx * sin + yy * cos
-    out[y0:y1, x0:x1] = (u / a) ** 2 + (v / b) ** 2 <= 1.0
-    return out
+    # Offsets (X, Y) of a pixel centre from (cx, cy) are inside iff qa X^2 + qb X Y + qc Y^2 <= 1,
+    # where qa qc - qb^2 / 4 = 1 / (a b)^2: per row, X lies within half_width of -qb Y / (2 qa).
+    qa = (cos / a) ** 2 + (sin / b) ** 2
+    qb = 2 * cos * sin * (1 / a**2 - 1 / b**2)
+    offset_y = np.arange(height) + 0.5 - cy
+    reach = qa - (offset_y / (a * b)) ** 2
+    half_width = np.sqrt(np.maximum(reach, 0.0)) / qa
+    middle = cx - 0.5 - qb * offset_y / (2 * qa)  # column (pixel index) of each row's midpoint
+    lo = np.clip(np.ceil(middle - half_width), 0, width)
+    hi = np.clip(np.floor(middle + half_width) + 1, 0, width)
+    empty = (reach < 0) | (hi <= lo)
+    return np.where(empty[:, None], 0, np.stack([lo, hi], axis=1)).astype(np.int32)
 
 
-def random_shapes(
+def fill_spans(spans: np.ndarray, width: int) -> np.ndarray:
+    """(S, H, 2) row spans -> (H, W) bool union of the S shapes."""
+    x = np.arange(width)
+    return ((x >= spans[..., :1]) & (x < spans[..., 1:])).any(axis=0)
+
+
+def _shape_spans(
     shape: tuple[int, int],
     count: int,
+    slots: int,
     size: tuple[float, float],
     ellipse_probability: float,
     rng: np.random.Generator,
     within: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
-    """Union of `count` random rectangles / rotated ellipses, (H, W) bool.
+    """(slots, H, 2) spans of `count` random rectangles / rotated ellipses, the unused slots empty
+    (a fixed shape per config, so the render compiles once).
 
     size: (min, max) side / diameter as fractions of min(H, W), each axis drawn independently.
     within: (y0, y1, x0, x1) box the centres are drawn from (default: the whole image).
@@ -365,15 +385,15 @@ def random_shapes(
     height, width = shape
     y0, y1, x0, x1 = within if within is not None else (0, height, 0, width)
     short = min(height, width)
-    out = np.zeros(shape, bool)
-    for _ in range(count):
+    spans = np.zeros((slots, height, 2), np.int32)
+    for i in range(count):
         cy, cx = rng.uniform(y0, y1), rng.uniform(x0, x1)
         h, w = rng.uniform(size[0], size[1], 2) * short
         if rng.random() < ellipse_probability:
-            out |= _ellipse(shape, cy, cx, h, w, rng.uniform(0.0, math.pi))
+            spans[i] = _ellipse_spans(shape, cy, cx, h, w, rng.uniform(0.0, math.pi))
         else:
-            out |= _rectangle(shape, cy, cx, h, w)
-    return out
+            spans[i] = _rectangle_spans(shape, cy, cx, h, w)
+    return spans
 
 
 def _count(rng: np.random.Generator, probability: float, count: tuple[int, int]) -> int:
@@ -383,64 +403,84 @@ def _count(rng: np.random.Generator, probability: float, count: tuple[int, int])
     return n if hit else 0
 
 
-def random_mask(mask: np.ndarray, rng: np.random.Generator, cfg: PGAugmentConfig) -> np.ndarray:
-    """randmask: the mask united with random rectangles and ellipse blobs centred in its bbox."""
-    keep = binary_mask(mask)
-    within = _bbox(keep)
-    n_rect = _count(rng, cfg.rect_probability, cfg.rect_count)
-    n_blob = _count(rng, cfg.blob_probability, cfg.blob_count)
-    rects = random_shapes(keep.shape, n_rect, cfg.shape_size, 0.0, rng, within)
-    blobs = random_shapes(keep.shape, n_blob, cfg.shape_size, 1.0, rng, within)
-    return keep | rects | blobs
-
-
-def mix_regions(
-    image: np.ndarray, other_image: np.ndarray | None, rng: np.random.Generator, cfg: PGAugmentConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """(I~, B): I~ = I (1 - B) + I_rand B for random rectangular / elliptic regions B, uint8 and
-    (H, W) bool. B is empty when the mix draw fails or there is no other image."""
-    image = _check_image(image)
-    n = _count(rng, cfg.mix_probability, cfg.mix_count)
-    regions = random_shapes(image.shape[:2], n, cfg.mix_size, cfg.mix_ellipse_probability, rng)
-    if other_image is None or not regions.any():
-        return image.copy(), np.zeros(image.shape[:2], bool)
-    other_image = _check_image(other_image, "other_image")
-    if other_image.shape != image.shape:
-        raise ValueError(f"other_image is {other_image.shape} but image is {image.shape}")
-    return np.where(regions[..., None], other_image, image), regions
-
-
 def _scaled_dilation(cfg: PGAugmentConfig, shape: tuple[int, int], rng: np.random.Generator) -> int:
     scale = min(shape) / cfg.reference_resolution
     lo, hi = round(cfg.dilation_px[0] * scale), round(cfg.dilation_px[1] * scale)
     return int(rng.integers(lo, max(lo, hi) + 1))
 
 
-def pg_perturb(
-    image: np.ndarray,
-    mask: np.ndarray,
-    other_image: np.ndarray | None,
-    rng: np.random.Generator,
-    cfg: PGAugmentConfig,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The perturbation in uint8: (translate(I~, delta) uint8, blank, M').
+def _dilated_bbox(keep: np.ndarray, k: int) -> tuple[int, int, int, int] | None:
+    """The bounding box of dilate(keep, k), from keep's own."""
+    box = _bbox(keep)
+    if box is None:
+        return None
+    y0, y1, x0, x1 = box
+    height, width = keep.shape
+    return max(0, y0 - k), min(height, y1 + k), max(0, x0 - k), min(width, x1 + k)
 
-    `blank` (H, W) bool marks the pixels c_pg zeroes: M' and whatever the shift vacated;
-    c_pg = to_float(shifted) * (1 - blank). Kept in uint8 for the loader, a quarter of the
-    bytes of float32 and no float passes over the image.
+
+def draw_pg_params(mask: np.ndarray, rng: np.random.Generator, cfg: PGAugmentConfig) -> dict[str, np.ndarray]:
+    """The perturbation's random parameters for one (H, W) product mask; both renderers
+    (`render_pg` here, `bgjax.data.pg_render` on the accelerator) draw nothing themselves.
+
+        pg_dilation   () int32              k, px
+        pg_shift      (2,) int32            (dy, dx), px
+        pg_hole_spans (S_hole, H, 2) int32  randmask's rectangles then blobs, S_hole = rect_count[1] + blob_count[1]
+        pg_mix_spans  (S_mix, H, 2) int32   the mixed regions B, S_mix = mix_count[1]
+
+    Shapes are row spans ([lo, hi) columns per row, (0, 0) where a shape misses the row or its slot
+    is unused). Rectangle and blob centres lie in the bounding box of dilate(M, k).
+    """
+    keep = binary_mask(mask)
+    height, width = shape = keep.shape
+    # k and delta are drawn first: for one seed they do not depend on the shape and mix settings
+    k = _scaled_dilation(cfg, shape, rng)
+    max_dy, max_dx = round(cfg.max_shift * height), round(cfg.max_shift * width)
+    dy, dx = int(rng.integers(-max_dy, max_dy + 1)), int(rng.integers(-max_dx, max_dx + 1))
+    n_rect = _count(rng, cfg.rect_probability, cfg.rect_count)
+    n_blob = _count(rng, cfg.blob_probability, cfg.blob_count)
+    within = _dilated_bbox(keep, k)
+    holes = np.concatenate([
+        _shape_spans(shape, n_rect, cfg.rect_count[1], cfg.shape_size, 0.0, rng, within),
+        _shape_spans(shape, n_blob, cfg.blob_count[1], cfg.shape_size, 1.0, rng, within),
+    ])
+    n_mix = _count(rng, cfg.mix_probability, cfg.mix_count)
+    mix = _shape_spans(shape, n_mix, cfg.mix_count[1], cfg.mix_size, cfg.mix_ellipse_probability, rng)
+    return {"pg_dilation": np.int32(k), "pg_shift": np.array([dy, dx], np.int32), "pg_hole_spans": holes,
+            "pg_mix_spans": mix}
+
+
+def draw_pg_batch(masks: np.ndarray, rng: np.random.Generator, cfg: PGAugmentConfig) -> dict[str, np.ndarray]:
+    """`draw_pg_params` for each of a batch's (B, H, W) masks, in order, stacked: (B, ...) arrays."""
+    draws = [draw_pg_params(mask, rng, cfg) for mask in masks]
+    return {key: np.stack([d[key] for d in draws]) for key in draws[0]}
+
+
+def render_pg(
+    image: np.ndarray, mask: np.ndarray, other_image: np.ndarray | None, params: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The numpy reference render of `draw_pg_params`' parameters: (c_pg, M').
+
+    M' = translate(dilate(M, k) | holes, delta), I~ = I (1 - B) + I_rand B and
+    c_pg = translate(to_float(I~), delta) * (1 - M'): (H, W, 3) float32 in [-1, 1], +0.0 where M'
+    is set and where the shift vacated pixels; M' (H, W) bool. `other_image` (I_rand, the same
+    shape as `image`) may be None: no mixing.
     """
     image = _check_image(image)
     keep = binary_mask(mask)
     _check_pair(image, keep)
-    height, width = keep.shape
-    # k and delta are drawn first: for one seed they do not depend on the shape and mix settings
-    k = _scaled_dilation(cfg, keep.shape, rng)
-    max_dy, max_dx = round(cfg.max_shift * height), round(cfg.max_shift * width)
-    dy, dx = int(rng.integers(-max_dy, max_dy + 1)), int(rng.integers(-max_dx, max_dx + 1))
-    perturbed = translate(random_mask(dilate(keep, k), rng, cfg), dy, dx)
-    mixed, _ = mix_regions(image, other_image, rng, cfg)
-    vacated = ~translate(np.ones(keep.shape, bool), dy, dx)
-    return translate(mixed, dy, dx), perturbed | vacated, perturbed
+    width = keep.shape[1]
+    hole = dilate(keep, int(params["pg_dilation"])) | fill_spans(params["pg_hole_spans"], width)
+    if other_image is not None:
+        other_image = _check_image(other_image, "other_image")
+        if other_image.shape != image.shape:
+            raise ValueError(f"other_image is {other_image.shape} but image is {image.shape}")
+        image = np.where(fill_spans(params["pg_mix_spans"], width)[..., None], other_image, image)
+    dy, dx = (int(v) for v in params["pg_shift"])
+    perturbed = translate(hole, dy, dx)
+    blank = perturbed | ~translate(np.ones(keep.shape, bool), dy, dx)
+    c_pg = np.where(blank[..., None], np.float32(0.0), to_float(translate(image, dy, dx)))
+    return c_pg, perturbed
 
 
 def pg_augment(
@@ -450,13 +490,7 @@ def pg_augment(
     rng: np.random.Generator,
     cfg: PGAugmentConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PG's perturbed condition from the target itself: (c_pg, M').
-
-    M' = translate(randmask(dilate(M, k)), delta), I~ = I (1 - B) + I_rand B and
-    c_pg = translate(to_float(I~), delta) * (1 - M'). Returns c_pg as (H, W, 3) float32 in [-1, 1],
-    exactly 0.0 where M' is 1 and where the shift vacated pixels, and M' as (H, W) float32 {0, 1}.
-    `other_image` (I_rand, same shape as `image`) may be None: no mixing.
-    """
-    shifted, blank, perturbed = pg_perturb(image, mask, other_image, rng, cfg)
-    c_pg = np.where(blank[..., None], np.float32(0.0), to_float(shifted))
-    return c_pg.astype(np.float32, copy=False), perturbed.astype(np.float32)
+    """PG's perturbed condition from the target itself, drawn and rendered in numpy: (c_pg, M'),
+    c_pg as `render_pg` gives it and M' as (H, W) float32 {0, 1}."""
+    c_pg, perturbed = render_pg(image, mask, other_image, draw_pg_params(mask, rng, cfg))
+    return c_pg, perturbed.astype(np.float32)

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, pg_augment
+from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, draw_pg_batch
 from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
+from bgjax.data.pg_render import pg_render
 from bgjax.data.records import read_records
 
 
@@ -33,13 +34,16 @@ def inspect_dataset(data_dir: Path, num: int = 16, resolution: int = 128, seed: 
     rng = np.random.default_rng(seed)
     crop_cfg, pg_cfg = CropConfig(resolution=resolution), PGAugmentConfig()
     crops = [crop_resize(image, mask, rng, crop_cfg) for image, mask in samples]
+    if crops:  # the training path: parameters drawn as the loader does, rendered as the trainer does
+        images, masks = np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
+        conds, pg_masks = (np.asarray(a) for a in pg_render(
+            {"image": images, "mask": masks, **draw_pg_batch(masks, rng, pg_cfg)}))
     for i, (image, mask) in enumerate(crops):
-        cond, pg_mask = pg_augment(image, mask, crops[(i + 1) % len(crops)][0], rng, pg_cfg)
         original = np.asarray(Image.fromarray(samples[i][0]).resize((resolution, resolution)))
         original_mask = np.asarray(Image.fromarray(samples[i][1]).resize((resolution, resolution)))
         rows.append([original, np.stack([original_mask] * 3, -1), image, np.stack([mask] * 3, -1),
-                     ((cond + 1) * 127.5).clip(0, 255).astype(np.uint8),
-                     np.stack([(pg_mask * 255).astype(np.uint8)] * 3, -1)])
+                     ((conds[i] + 1) * 127.5).clip(0, 255).astype(np.uint8),
+                     np.stack([pg_masks[i].astype(np.uint8) * 255] * 3, -1)])
     if rows:
         _tile(rows).save(data_dir / "inspect.png")
     reasons = collections.Counter(r["reason"].split(":")[-1].strip() for r in manifest["rejected"])

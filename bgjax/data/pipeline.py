@@ -8,8 +8,10 @@ through grain's TFRecord dataset with interleave.
 A batch is a dict of numpy arrays:
     image (B, R, R, 3) uint8, mask (B, R, R) uint8 {0, 1}, category_id (B,) int32, example_seed (B,) uint32,
     input_ids (B, 77) int32, fg_tokens / bg_tokens (B, 77) float32, identifier_index (B,) int32,
-    and with PG augmentation: pg_image (B, R, R, 3) uint8 and pg_mask (B, R, R) uint8, from
-    which `pg_condition` gives c_pg in [-1, 1].
+    and with PG augmentation the perturbation's parameters (`augment.draw_pg_params`):
+    pg_dilation (B,) int32, pg_shift (B, 2) int32, pg_hole_spans (B, S_hole, R, 2) int32 and
+    pg_mix_spans (B, S_mix, R, 2) int32, from which `bgjax.data.pg_render.pg_condition(batch)`
+    renders c_pg (B, R, R, 3) float32 in [-1, 1] on the accelerator.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, pg_perturb
+from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, draw_pg_batch
 from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
@@ -76,28 +78,15 @@ class Crop(grain.transforms.RandomMap):
 
 
 class PGPerturb(grain.transforms.RandomMap):
-    """PG's self-supervised reference: each image is mixed with the next one in its batch.
-
-    Sent as uint8 (the shifted image and the pixels to blank), a quarter of float32's bytes
-    between worker processes; `pg_condition` gives c_pg on the device.
-    """
+    """PG's self-supervised reference: only its random parameters are drawn here (a few KB per
+    image); the pixels are rendered on the accelerator (`bgjax.data.pg_render.pg_condition`),
+    each image mixed with the next one in its batch."""
 
     def __init__(self, cfg: PGAugmentConfig):
         self.cfg = cfg
 
     def random_map(self, batch: dict, rng: np.random.Generator) -> dict:
-        images, masks = batch["image"], batch["mask"]
-        pg_image, pg_mask = [], []
-        for i in range(len(images)):
-            shifted, blank, _ = pg_perturb(images[i], masks[i], images[(i + 1) % len(images)], rng, self.cfg)
-            pg_image.append(shifted)
-            pg_mask.append(blank.astype(np.uint8))
-        return {**batch, "pg_image": np.stack(pg_image), "pg_mask": np.stack(pg_mask)}
-
-
-def pg_condition(pg_image, pg_mask):
-    """c_pg in [-1, 1] from a batch's uint8 `pg_image` and `pg_mask` (numpy or jax arrays)."""
-    return (pg_image / 127.5 - 1.0) * (1 - pg_mask[..., None])
+        return {**batch, **draw_pg_batch(batch["mask"], rng, self.cfg)}
 
 
 def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndarray], process_index: int = 0,
