@@ -1,0 +1,54 @@
+"""Component configs (diffusers / transformers `config.json` dicts) for small models trained from
+scratch: the bundled demo model and tests. Sized to train in minutes on a laptop CPU at 64 px."""
+
+from __future__ import annotations
+
+from bgjax.models.byte_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
+
+TINY_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3, "layers_per_block": 1, "norm_num_groups": 16,
+    "sample_size": 64, "scaling_factor": 1.0,  # the vae stage measures it (1 / std of the latents)
+}
+TINY_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+    "pad_token_id": EOS_ID,
+}
+TINY_UNET = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 16, "in_channels": 4, "out_channels": 4,
+    "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "cross_attention_dim": 64,
+    "attention_head_dim": 4, "norm_num_groups": 16,
+}
+# CG / PG see the full-size image; their conditioning embedding downsamples it by 2 ** (len - 1),
+# which must equal the VAE's factor (4 here, 8 for SD).
+TINY_BRANCH = {"conditioning_embedding_out_channels": [16, 32, 32]}
+SCHEDULER = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1,
+}
+
+# Stable Diffusion 1.5's shapes (diffusers' configs), for random-weight benchmarks and memory reports.
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SD15_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 768,
+    "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+}
+SD15_RANDOM = {"vae": SD15_VAE, "text_encoder": SD15_TEXT_ENCODER, "unet": SD15_UNET, "tokenizer": "byte",
+               "scheduler": SCHEDULER}

@@ -1,0 +1,28 @@
+"""The bundled demo model, stage 0b: a small text-to-image UNet (and a random frozen text encoder)
+on synthetic 64 px images, over the tiny VAE (see docs/bundled_model.md)."""
+
+from bgjax.train import presets
+from bgjax.train.defaults import default_config
+
+
+def get_config():
+    c = default_config()
+    c.stage = "unet"
+    c.model = "runs/tiny_vae/model"
+    c.init = {"text_encoder": presets.TINY_TEXT_ENCODER, "unet": presets.TINY_UNET, "tokenizer": "byte",
+              "scheduler": presets.SCHEDULER}
+    c.dtype = "float32"
+    c.data.dir = "runs/synthetic64"
+    c.data.batch_size = 16
+    c.data.crop.resolution = 64
+    c.data.crop.scale_range = (0.8, 1.0)
+    c.loss.prompt_dropout = 0.1
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 50
+    c.optim.schedule = "cosine"
+    c.optim.weight_decay = 0.0
+    c.optim.ema_decay = 0.99
+    c.num_steps = 2000
+    c.log_every = 50
+    c.checkpoint_every = 500
+    return c

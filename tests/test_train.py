@@ -1,0 +1,217 @@
+"""The trainer: exact resume after SIGTERM and SIGKILL, sharded and multi-process equivalence,
+restore onto another mesh, NaN handling, config overrides. Tiny models at 32 px on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from bgjax.cli import main
+from bgjax.models.configs import ConfigError
+from bgjax.train.config_file import load_config
+
+CONFIG = Path(__file__).parent.parent / "configs" / "tiny_synthetic.py"
+SMALL = ["--config.data.crop.resolution=32", "--config.data.batch_size=8", "--config.log_every=1",
+         "--config.optim.warmup_steps=0", "--config.dtype='float32'"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    assert main(["data", "synthetic", "--out", str(out), "--num", "48", "--size", "48", "--workers", "1"]) == 0
+    return out
+
+
+def _env(devices: int = 1) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu"}
+
+
+def _train_args(workdir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bgjax.cli", "train", "--config", str(CONFIG), "--workdir", str(workdir),
+            f"--config.data.dir={data_dir}", *SMALL, *extra]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (re-run after a resume) keeps its last value."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _wait_for_step(workdir: Path, proc: subprocess.Popen, step: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        path = workdir / "metrics.jsonl"
+        if path.is_file() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}: {proc.communicate()}")
+
+
+def test_sigterm_and_kill_resume_exactly(tmp_path, data_dir):
+    """Uninterrupted vs SIGTERM at ~step 3, SIGKILL at ~step 7, then a finishing run: the losses of
+    every step are bit-identical, and SIGTERM exits cleanly after saving."""
+    steps = ["--config.num_steps=10", "--config.checkpoint_every=2"]
+    reference = tmp_path / "reference"
+    subprocess.run(_train_args(reference, data_dir, *steps), env=_env(), check=True, capture_output=True)
+
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen(_train_args(run, data_dir, *steps), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stopped (preempted)" in out
+    stopped_at = max(_losses(run))
+    assert (run / "checkpoints" / str(stopped_at)).is_dir()  # saved at the step it stopped, off the schedule
+
+    proc = subprocess.Popen(_train_args(run, data_dir, *steps), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    _wait_for_step(run, proc, 7)
+    proc.kill()
+    proc.communicate()
+    subprocess.run(_train_args(run, data_dir, *steps), env=_env(), check=True, capture_output=True)
+
+    expected, got = _losses(reference), _losses(run)
+    assert sorted(got) == list(range(1, 11))
+    assert got == expected  # bit for bit
+    ref, res = (load_file(d / "model" / "cg" / "params.safetensors") for d in (reference, run))
+    assert all(np.array_equal(ref[k], res[k]) for k in ref)
+
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from pathlib import Path
+    from bgjax.data.convert import read_manifest
+    from bgjax.train import sharding
+    from bgjax.train.checkpoint import Checkpoints
+    from bgjax.train.config_file import load_config
+    from bgjax.train.loop import Trainer, data_iterator
+    from bgjax.train.models import load_stage
+
+    config_path, data_dir, workdir = sys.argv[1:4]
+    config = load_config(Path(config_path), sys.argv[4:])
+    categories = read_manifest(Path(data_dir))["categories"]
+    models, trained, frozen = load_stage(config, categories, jax.numpy.float32, Path(workdir))
+    empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()}
+    batches = data_iterator(config, Path(data_dir), models.prompt_tables(categories))
+    local = [next(batches) for _ in range(4)]
+    devices = jax.devices()
+    meshes = {"1 device": dict(data=1, devices=devices[:1]), "data 8": dict(data=8), "fsdp 8": dict(data=1, fsdp=8),
+              "data 2 fsdp 2 tensor 2": dict(data=2, fsdp=2, tensor=2)}
+
+    def run(trainer, state, batches):
+        losses = []
+        for b in batches:
+            state, m = trainer.step(state, trainer.frozen, sharding.global_batch(b, trainer.mesh))
+            losses.append(float(m["loss"]))
+        return state, losses
+
+    out = {}
+    for name, kw in meshes.items():
+        mesh = sharding.make_mesh(**kw)
+        trainer = Trainer(config, models, trained, frozen, empty, mesh)
+        state, losses = run(trainer, trainer.fresh_state(), local)
+        flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+        shards = {str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 4}
+        out[name] = {"losses": losses, "params": flat.tolist()[:: max(1, flat.size // 20000)], "specs": sorted(shards)}
+
+    # Save on the FSDP mesh after 2 steps, restore onto the data-parallel mesh, take 2 more steps.
+    fsdp = Trainer(config, models, trained, frozen, empty, sharding.make_mesh(data=1, fsdp=8))
+    state, _ = run(fsdp, fsdp.fresh_state(), local[:2])
+    ckpt = Checkpoints(Path(workdir) / "ckpt", keep=1)
+    ckpt.save(2, state, batches, config.to_dict())
+    ckpt.wait()
+    dp = Trainer(config, models, trained, frozen, empty, sharding.make_mesh(data=8))
+    restored = ckpt.restore(2, dp.abstract_state, batches)
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state)),
+                                                      jax.tree.leaves(jax.device_get(restored))))
+    placed = {str(x.sharding.spec) for x in jax.tree.leaves(restored.opt_state) if x.ndim == 4}
+    _, losses = run(dp, restored, local[2:])
+    out["restored"] = {"identical": same, "losses": losses, "specs": sorted(placed)}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_sharded_steps_match_one_device_and_restore_onto_another_mesh(tmp_path, data_dir):
+    """8 simulated devices: data parallel, FSDP, and data x fsdp x tensor give one device's losses and
+    params (fp32, relative 1e-5); a checkpoint from the FSDP mesh restores bit-exactly onto the
+    data-parallel one and continues as the uninterrupted run."""
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    proc = subprocess.run([sys.executable, str(script), str(CONFIG), str(data_dir), str(tmp_path),
+                           f"--config.data.dir={data_dir}", *SMALL[:2], "--config.optim.warmup_steps=0"],
+                          env=_env(8), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    ref = out["1 device"]
+    for name in ("data 8", "fsdp 8", "data 2 fsdp 2 tensor 2"):
+        np.testing.assert_allclose(out[name]["losses"], ref["losses"], rtol=1e-5, err_msg=name)
+        a, b = np.asarray(out[name]["params"]), np.asarray(ref["params"])
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, name
+    assert any("fsdp" in s for s in out["fsdp 8"]["specs"])  # optimizer state really is sharded
+    assert any("tensor" in s for s in out["data 2 fsdp 2 tensor 2"]["specs"])
+    assert out["restored"]["identical"]
+    assert not any("fsdp" in s for s in out["restored"]["specs"])  # placed for the new mesh
+    np.testing.assert_allclose(out["restored"]["losses"], ref["losses"][2:], rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, data_dir):
+    """jax.distributed on localhost, CPU collectives: each process reads its half of every batch;
+    the losses and the trained CG match a single process (relative 1e-5)."""
+    steps = ["--config.num_steps=4", "--config.checkpoint_every=2"]
+    single = tmp_path / "single"
+    subprocess.run(_train_args(single, data_dir, *steps), env=_env(2), check=True, capture_output=True)
+    multi, port = tmp_path / "multi", _free_port()
+    procs = [subprocess.Popen(_train_args(multi, data_dir, *steps, "--coordinator", f"localhost:{port}",
+                                          "--num-processes", "2", "--process-id", str(i)),
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = _losses(single), _losses(multi)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+    ref, got = (load_file(d / "model" / "cg" / "params.safetensors") for d in (single, multi))
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, data_dir, capsys):
+    args = ["train", "--config", str(CONFIG), "--workdir", str(tmp_path / "run"), f"--config.data.dir={data_dir}",
+            *SMALL, "--config.num_steps=3", "--config.checkpoint_every=1", "--config.loss.noise_offset=nan"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "step 0: the loss or gradient is not finite" in err
+    assert not any((tmp_path / "run" / "checkpoints").glob("[0-9]*"))  # nothing saved
+
+
+def test_config_overrides_are_checked(tmp_path):
+    config = load_config(CONFIG, ["--config.optim.learning_rate=3e-4", "--config.mesh.rules=[['embed', None]]",
+                                  "--config.model=models/sd15"])
+    assert config.optim.learning_rate == 3e-4 and config.model == "models/sd15"
+    assert config.mesh.rules == (("embed", None),)
+    with pytest.raises(ConfigError, match="optim.nope"):
+        load_config(CONFIG, ["--config.optim.nope=1"])
+    with pytest.raises(ConfigError, match="num_steps"):
+        load_config(CONFIG, ["--config.num_steps='many'"])
