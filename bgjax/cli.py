@@ -63,6 +63,12 @@ def _metric_weights(args: argparse.Namespace) -> None:
     print(f"wrote {args.kind} weights to {args.out}")
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from bgjax.sampling.generate import generate_command
+
+    return generate_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgjax", description="E-commerce product backgrounds with JAX.")
     parser.add_argument("--version", action="version", version=f"bgjax {__version__}")
@@ -82,6 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a bgjax model directory")
     p.add_argument("--out", required=True, help="the diffusers folder to write")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("generate", help="product (+ mask) or cut-out, category [, reference] -> ad images",
+                       description="Writes OUT/*.png with a JSON sidecar each; reruns skip finished items. "
+                                   "Exit status 1 when some manifest lines failed (see OUT/errors.jsonl), "
+                                   "2 for bad input.")
+    p.add_argument("--model", required=True, help="a bgjax model directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--product", help="a product photo (with --mask) or an RGBA cut-out (alpha = product)")
+    source.add_argument("--manifest", help="CSV or JSONL with product, category and optionally mask, reference, "
+                                           "reference_mask, seed, num_images; paths relative to its folder")
+    p.add_argument("--mask", help="the product's mask: greyscale (white = product) or RGBA (alpha = product)")
+    p.add_argument("--category", help="the product's category, e.g. 'rice cooker'")
+    p.add_argument("--reference", help="a style reference: photo with --reference-mask, or RGBA (alpha = its product)")
+    p.add_argument("--reference-mask", help="the reference's product mask")
+    p.add_argument("--num-images", type=int, default=4, help="images per product (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="image k of a seed is the same whatever the batch")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m (default), dpmpp_2m_karras, euler, ddpm")
+    p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
+    p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")
+    p.add_argument("--size", type=int, help="working resolution: a photo's longer side, a cut-out's square "
+                                            "canvas (default: the model's resolution)")
+    p.add_argument("--placement", type=float, nargs=3, metavar=("SCALE", "CX", "CY"),
+                   help="cut-outs: fit in SCALE x the canvas, centred at (CX, CY) fractions (default 0.6 0.5 0.5)")
+    p.add_argument("--batch-size", type=int, help="images per device batch (default: all of a product's at once)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--out", required=True, help="the folder for the images, sidecars and errors.jsonl")
+    p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
+    p.set_defaults(run=_generate)
 
     data = sub.add_parser("data", help="datasets -> record shards + manifest; inspect them").add_subparsers(
         dest="source", required=True)
@@ -129,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except (CheckpointError, ConfigError, RecordError, FileNotFoundError) as e:
         print(f"bgjax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ class Rejected(ValueError):
     """An input that cannot become a record; the message is the reason written to the manifest."""
 
 
-def _open(path: Path | bytes, what: str) -> Image.Image:
+def _open(path: Path | bytes | Image.Image, what: str) -> Image.Image:
+    if isinstance(path, Image.Image):  # already decoded (the generation pipeline takes PIL images)
+        return path
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
@@ -41,7 +43,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(source: Path | bytes, what: str = "image") -> tuple[np.ndarray, Image.Image]:
+def load_image(source: Path | bytes | Image.Image, what: str = "image") -> tuple[np.ndarray, Image.Image]:
     """(H, W, 3) uint8 RGB, upright per EXIF; CMYK, palette, greyscale and 16-bit are converted.
 
     Also returns the upright PIL image (alpha kept) for callers that want the cut-out's alpha.
@@ -64,7 +66,7 @@ def load_image(source: Path | bytes, what: str = "image") -> tuple[np.ndarray, I
     return np.asarray(img.convert("RGB")), img
 
 
-def load_mask(source: Path | bytes, image_shape: tuple[int, int], what: str = "mask") -> np.ndarray:
+def load_mask(source: Path | bytes | Image.Image, image_shape: tuple[int, int], what: str = "mask") -> np.ndarray:
     """A product mask (H, W) uint8 in {0, 255}: the alpha of an RGBA cut-out, or a greyscale mask.
 
     Rejects masks without alpha that are colour images (their meaning is not clear), masks of

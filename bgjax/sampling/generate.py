@@ -1,0 +1,257 @@
+"""`bgjax generate`: one product, or a manifest of products, to PNG images with JSON sidecars.
+
+Outputs are `OUT/{product stem}_{hash}_{k}.png` + `.json`; the hash covers the item's inputs as written
+(product, mask, category, reference, reference mask, seed), so a rerun finds its own files and skips
+items whose images and sidecars all exist. A manifest's broken lines are reported with their line
+number and reason on stderr and in `OUT/errors.jsonl` (rewritten each run), and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax.numpy as jnp
+from PIL import Image, ImageDraw, ImageOps
+from tqdm.auto import tqdm
+
+from bgjax import __version__
+from bgjax.convert.checkpoint_io import atomic_write, write_json
+from bgjax.sampling.pipeline import DEFAULT_PLACEMENT, BackgroundPipeline, Prepared
+from bgjax.sampling.schedulers import SAMPLERS
+
+MANIFEST_FIELDS = ("product", "mask", "category", "reference", "reference_mask", "seed", "num_images")
+_PATH_FIELDS = ("product", "mask", "reference", "reference_mask")
+THUMB = 128  # contact-sheet cell size in pixels
+LABEL_HEIGHT = 18
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One product to generate for; `fields` holds the inputs as written (paths relative to `base`)."""
+
+    line: int | None  # in the manifest; None on the command line
+    fields: dict
+    base: Path
+    seed: int
+    num_images: int
+
+    def path(self, key: str) -> Path | None:
+        return None if self.fields.get(key) is None else self.base / self.fields[key]
+
+    @property
+    def stem(self) -> str:
+        key = json.dumps([self.fields.get(k) for k in (*_PATH_FIELDS, "category")] + [self.seed])
+        name = re.sub(r"[^\w.-]+", "-", Path(self.fields["product"]).stem)[:60] or "product"
+        return f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+    def outputs(self, out: Path) -> list[tuple[Path, Path]]:
+        return [(out / f"{self.stem}_{k}.png", out / f"{self.stem}_{k}.json") for k in range(self.num_images)]
+
+
+def _int(value, name: str, low: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+    if number < low:
+        raise ValueError(f"{name}: must be >= {low}, got {number}")
+    return number
+
+
+def make_item(row: dict, line: int | None, base: Path, seed: int, num_images: int) -> Item:
+    """An Item from a manifest row or the command line; raises ValueError for missing or bad fields.
+    Empty values count as absent; `seed` and `num_images` default to the command line's."""
+    fields = {k: str(row[k]).strip() for k in MANIFEST_FIELDS if row.get(k) is not None and str(row[k]).strip()}
+    missing = [k for k in ("product", "category") if k not in fields]
+    if missing:
+        raise ValueError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    seed = _int(fields.pop("seed", seed), "seed", 0)
+    num_images = _int(fields.pop("num_images", num_images), "num_images", 1)
+    return Item(line, fields, base, seed, num_images)
+
+
+def read_manifest(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, row, None) per CSV row / JSONL line, or (line number, raw, reason) when unparseable."""
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield number, {"raw": line}, f"invalid JSON ({e.msg})"
+                continue
+            yield (number, row, None) if isinstance(row, dict) else (number, {"raw": line}, "not a JSON object")
+        return
+    if path.suffix.lower() != ".csv":
+        raise ValueError("a manifest must be .csv or .jsonl")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [k for k in ("product", "category") if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"the header lacks the column(s) {', '.join(missing)} "
+                             f"(columns: {', '.join(MANIFEST_FIELDS)})")
+        for row in reader:
+            extra = row.pop(None, None)  # DictReader files surplus cells under None
+            yield reader.line_num, row, f"{len(extra)} cells more than the header has" if extra else None
+
+
+def contact_sheet(rows: list[tuple[str, Image.Image, list[Image.Image]]], path: Path) -> None:
+    """A PNG grid: per row the product, then its generated images, under a label."""
+    columns = 1 + max(len(images) for _, _, images in rows)
+    sheet = Image.new("RGB", (columns * THUMB, len(rows) * (THUMB + LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, product, images) in enumerate(rows):
+        y = r * (THUMB + LABEL_HEIGHT)
+        draw.text((4, y + 3), label, fill="black")
+        for c, image in enumerate([product, *images]):
+            thumb = ImageOps.contain(image, (THUMB, THUMB))
+            sheet.paste(thumb, (c * THUMB + (THUMB - thumb.width) // 2, y + LABEL_HEIGHT + (THUMB - thumb.height) // 2))
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+class _Run:
+    """One `bgjax generate` invocation: the pipeline, the settings and the counts."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, Path(args.out)
+        self.pipe = BackgroundPipeline.from_pretrained(args.model, jnp.bfloat16 if args.dtype == "bfloat16"
+                                                       else jnp.float32)
+        self.placement = tuple(args.placement) if args.placement else DEFAULT_PLACEMENT
+        self.sheet: list[tuple[str, Image.Image, list[Image.Image]]] = []
+        self.items = self.images = self.skipped = 0
+
+    def prepare(self, item: Item) -> Prepared:
+        paths = {k: item.path(k) for k in _PATH_FIELDS}
+        return self.pipe.prepare(paths["product"], paths["mask"], item.fields["category"], paths["reference"],
+                                 paths["reference_mask"], size=self.args.size, placement=self.placement)
+
+    def process(self, item: Item) -> None:
+        """Generate and write one item (or skip it when done); raises ValueError for bad input."""
+        outputs = item.outputs(self.out)
+        done = all(png.is_file() and sidecar.is_file() for png, sidecar in outputs)
+        if done and not self.args.contact_sheet:
+            self.skipped += 1
+            return
+        prepared = self.prepare(item)
+        if done:
+            self.skipped += 1
+            images = [Image.open(png) for png, _ in outputs]
+        else:
+            a = self.args
+            images = self.pipe.generate(prepared, item.num_images, item.seed, a.steps, a.guidance, a.lambda_cg,
+                                        a.lambda_pg, a.sampler, a.batch_size)
+            self.write(item, prepared, images, outputs)
+            self.items, self.images = self.items + 1, self.images + len(images)
+        if self.args.contact_sheet:
+            label = f"{prepared.category}  ({Path(item.fields['product']).name}, seed {item.seed})"
+            thumbs = [ImageOps.contain(im, (THUMB, THUMB)) for im in [Image.fromarray(prepared.product), *images]]
+            self.sheet.append((label, thumbs[0], thumbs[1:]))
+
+    def write(self, item: Item, prepared: Prepared, images: list[Image.Image],
+              outputs: list[tuple[Path, Path]]) -> None:
+        a = self.args
+        lambda_cg, lambda_pg = self.pipe.lambdas(prepared, a.lambda_cg, a.lambda_pg)
+        info = {
+            "prompt": prepared.prompt.text, "category": prepared.category, "seed": item.seed,
+            "num_images": item.num_images, "model": str(Path(a.model).resolve()), "sampler": a.sampler,
+            "steps": a.steps, "guidance": a.guidance, "lambda_cg": lambda_cg, "lambda_pg": lambda_pg,
+            "dtype": a.dtype, "size": list(images[0].size), "placement": prepared.placement,
+            **{k: None if item.path(k) is None else str(item.path(k)) for k in _PATH_FIELDS},
+            "bgjax_version": __version__,
+        }
+        if item.line is not None:
+            info.update(manifest=str(Path(a.manifest).resolve()), line=item.line)
+        for k, (image, (png, sidecar)) in enumerate(zip(images, outputs, strict=True)):
+            atomic_write(png, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            write_json(sidecar, {**info, "image_index": k})  # written last: its presence marks the image done
+
+    def summary(self, errors: int) -> str:
+        text = (f"generated {self.images} images for {self.items} items in {self.out}; "
+                f"{self.skipped} items already done (skipped); {errors} inputs with errors")
+        return text + (f" (see {self.out / 'errors.jsonl'})" if errors and self.args.manifest else "")
+
+
+def _single(run: _Run) -> int:
+    a = run.args
+    row = {"product": a.product, "mask": a.mask, "category": a.category, "reference": a.reference,
+           "reference_mask": a.reference_mask}
+    try:
+        item = make_item(row, None, Path.cwd(), a.seed, a.num_images)
+        with tqdm(total=item.num_images, unit="img", desc="generate") as bar:
+            run.process(item)
+            bar.update(item.num_images)
+    except ValueError as e:
+        print(f"bgjax generate: error: {e}", file=sys.stderr)
+        return 2
+    print(run.summary(0))
+    return 0
+
+
+def _manifest(run: _Run) -> int:
+    a, manifest = run.args, Path(run.args.manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: manifest not found")
+    items, errors = [], []
+    try:
+        rows = list(read_manifest(manifest))
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        print(f"bgjax generate: error: {manifest}: {e}", file=sys.stderr)
+        return 2
+    for line, row, reason in rows:
+        if reason is None:
+            try:
+                items.append(make_item(row, line, manifest.parent, a.seed, a.num_images))
+                continue
+            except ValueError as e:
+                reason = str(e)
+        errors.append({"line": line, "input": row, "reason": reason})
+
+    def report(error: dict) -> None:
+        tqdm.write(f"{manifest.name}:{error['line']}: {error['reason']}", file=sys.stderr)
+
+    for error in errors:
+        report(error)
+    with tqdm(total=sum(i.num_images for i in items), unit="img", desc="generate") as bar:
+        for item in items:
+            try:
+                run.process(item)
+            except ValueError as e:
+                errors.append({"line": item.line, "input": item.fields, "reason": str(e)})
+                report(errors[-1])
+            bar.update(item.num_images)
+    errors.sort(key=lambda e: e["line"])
+    atomic_write(run.out / "errors.jsonl", lambda tmp: Path(tmp).write_text(
+        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors), encoding="utf-8"))
+    print(run.summary(len(errors)))
+    return 1 if errors else 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Exit status: 0 all written, 1 some manifest lines failed, 2 bad input for a single product."""
+    if args.sampler not in SAMPLERS:
+        print(f"bgjax generate: error: --sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}",
+              file=sys.stderr)
+        return 2
+    if args.product and not args.category:
+        print("bgjax generate: error: --category is required with --product", file=sys.stderr)
+        return 2
+    if args.manifest and any(getattr(args, k) for k in ("mask", "category", "reference", "reference_mask")):
+        print("bgjax generate: error: with --manifest, masks, categories and references come from the manifest",
+              file=sys.stderr)
+        return 2
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    run = _Run(args)
+    status = _manifest(run) if args.manifest else _single(run)
+    if args.contact_sheet and run.sheet:
+        contact_sheet(run.sheet, run.out / "contact_sheet.png")
+        print(f"contact sheet: {run.out / 'contact_sheet.png'}")
+    return status

@@ -1,0 +1,269 @@
+"""BackgroundPipeline and `bgjax generate` on a tiny random model (32 px, 3 sampler steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import ControlNetModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from bgjax import model_dir
+from bgjax.cli import main
+from bgjax.convert.diffusers_folder import import_diffusers
+from bgjax.method.config import MethodConfig
+from bgjax.sampling.pipeline import BackgroundPipeline, traces
+from tests.conftest import save_diffusers_folder, tiny_torch_pipeline
+from tests.torch_reference import CLIP_SD1_TINY, randomize
+
+CATEGORIES = ["rice cooker", "lamp", "coffee mug"]
+STEPS = 3
+# Compiled programs are shared by shape: every 32 px call below with num_images=2 reuses one.
+EIGHT_DEVICES = """
+import sys
+import numpy as np
+import jax
+from bgjax.sampling.pipeline import BackgroundPipeline
+assert len(jax.local_devices()) == 8
+pipe = BackgroundPipeline.from_pretrained(sys.argv[1])
+data = np.load(sys.argv[2])
+images = pipe(data["image"], data["mask"], "lamp", num_images=4, seed=0, steps=int(sys.argv[4]))
+np.save(sys.argv[3], np.stack([np.asarray(im) for im in images]))
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A tiny model with CG and PG (random, non-zero outputs) and per-category identifiers."""
+    root = tmp_path_factory.mktemp("generation")
+    models = tiny_torch_pipeline(seed=3, controlnet=False)
+    # The UNet's cross-attention takes 32-wide states: a text encoder to match.
+    models["text_encoder"] = randomize(CLIPTextModel(CLIPTextConfig(**{**CLIP_SD1_TINY, "hidden_size": 32,
+                                                                        "intermediate_size": 64})), seed=5)
+    for i, name in enumerate(("cg", "pg")):
+        models[name] = randomize(ControlNetModel.from_unet(models["unet"], conditioning_embedding_out_channels=(8, 16)),
+                                 seed=30 + i, scale=0.1)
+    save_diffusers_folder(models, root / "src")
+    import_diffusers(root / "src", root / "model")
+    table = np.random.default_rng(0).standard_normal((len(CATEGORIES), 32)).astype(np.float32)
+    model_dir.save_method(root / "model", MethodConfig(), CATEGORIES, table)
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def pipe(model) -> BackgroundPipeline:
+    return BackgroundPipeline.from_pretrained(model)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> dict:
+    """A 48 x 48 product photo (generated at 32 px, pasted back at 48) with its mask, also as files."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (48, 48, 3), np.uint8)
+    mask = np.zeros((48, 48), bool)
+    mask[12:34, 14:30] = True
+    reference = rng.integers(0, 256, (40, 56, 3), np.uint8)
+    reference_mask = np.zeros((40, 56), np.uint8)
+    reference_mask[10:30, 20:36] = 255
+    Image.fromarray(image).save(folder / "product.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "mask.png")
+    Image.fromarray(reference).save(folder / "reference.jpg")
+    Image.fromarray(reference_mask).save(folder / "reference_mask.png")
+    cutout = np.zeros((20, 20, 4), np.uint8)
+    cutout[5:15, 5:15, :3] = rng.integers(0, 256, (10, 10, 3), np.uint8)
+    cutout[5:15, 5:15, 3] = 255
+    Image.fromarray(cutout).save(folder / "cutout.png")
+    np.savez(folder / "photo.npz", image=image, mask=mask)
+    return dict(folder=folder, image=image, mask=mask, reference=reference, reference_mask=reference_mask,
+                cutout=cutout)
+
+
+def _arrays(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images])
+
+
+@pytest.fixture(scope="module")
+def eight_devices(model, photo, tmp_path_factory):
+    """The 8-device run, started first so that it overlaps the tests below; waited for where used."""
+    out = tmp_path_factory.mktemp("eight") / "images.npy"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-c", EIGHT_DEVICES, model, photo["folder"] / "photo.npz", out, str(STEPS)]
+    process = subprocess.Popen(command, env=env, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True)
+    yield process, out
+    if process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def first_call(pipe, photo, eight_devices) -> tuple[np.ndarray, int]:
+    """Images 0-3 of seed 0 (the reference result of the tests below) and how often that call traced."""
+    before = traces()
+    images = _arrays(pipe(photo["image"], photo["mask"], "Lamp", num_images=4, seed=0, steps=STEPS))
+    return images, traces() - before
+
+
+@pytest.fixture(scope="module")
+def four(first_call) -> np.ndarray:
+    return first_call[0]
+
+
+def test_one_trace_product_pixels_identical_and_seeds(pipe, photo, first_call):
+    four, traced = first_call
+    assert traced == 1
+    assert four.shape == (4, 48, 48, 3) and four.dtype == np.uint8
+    for image in four:
+        np.testing.assert_array_equal(image[photo["mask"]], photo["image"][photo["mask"]])
+    assert np.abs(four[0].astype(int) - four[1]).mean() > 5  # image index matters
+    before = traces()
+    again = _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=4, seed=0, steps=STEPS))
+    assert traces() == before  # same shapes: no retrace (guidance and lambdas are traced values too)
+    np.testing.assert_array_equal(again, four)
+    other = _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=4, seed=1, steps=STEPS, guidance=5.0))
+    assert traces() == before
+    background = ~photo["mask"]
+    assert np.abs(other[0].astype(int) - four[0])[background].mean() > 5
+
+
+def test_image_k_independent_of_batch(pipe, photo, four):
+    two = _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=2, seed=0, steps=STEPS))
+    chunked = _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=4, seed=0, steps=STEPS, batch_size=2))
+    # Tolerance 1 grey level for float rounding that could differ with the batch shape; measured: equal.
+    assert np.abs(two.astype(int) - four[:2]).max() <= 1
+    assert np.abs(chunked.astype(int) - four).max() <= 1
+
+
+def test_eight_devices_match_one(four, eight_devices):
+    process, out = eight_devices
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    # 4 images padded to 8, one per device. Tolerance 1 grey level; measured: equal.
+    assert np.abs(np.load(out).astype(int) - four).max() <= 1
+
+
+def test_cutout_placed_on_canvas(pipe, photo):
+    # scale 10/32 makes the 10 px cut-out exactly 10 px on the 32 px canvas: its pixels must come back as given.
+    images = _arrays(pipe(photo["cutout"], category="coffee mug", num_images=2, seed=0, steps=STEPS,
+                          placement=(10 / 32, 0.25, 0.75)))
+    assert images.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(images[:, 19:29, 3:13], np.broadcast_to(photo["cutout"][5:15, 5:15, :3],
+                                                                          (2, 10, 10, 3)))
+    outside = np.ones((32, 32), bool)
+    outside[19:29, 3:13] = False
+    assert (images[:, outside] != 255).any(axis=-1).mean() > 0.9  # generated, not the white canvas
+
+
+def test_reference_changes_the_output(pipe, photo):
+    kwargs = dict(num_images=2, seed=0, steps=STEPS)
+    plain = _arrays(pipe(photo["image"], photo["mask"], "lamp", **kwargs))
+    styled = _arrays(pipe(photo["image"], photo["mask"], "lamp", reference=photo["reference"],
+                          reference_mask=photo["reference_mask"], **kwargs))
+    background = ~photo["mask"]
+    assert np.abs(styled.astype(int) - plain)[:, background].mean() > 2
+    # A reference whose alpha marks its product conditions PG exactly like reference + mask.
+    rgba = np.dstack([photo["reference"], photo["reference_mask"]])
+    a = pipe.prepare(photo["image"], photo["mask"], "lamp", reference=rgba)
+    b = pipe.prepare(photo["image"], photo["mask"], "lamp", reference=photo["reference"],
+                     reference_mask=photo["reference_mask"])
+    np.testing.assert_array_equal(a.pg_cond, b.pg_cond)
+
+
+def test_bad_inputs_name_the_problem(pipe, photo, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="product: unreadable or truncated image"):
+        pipe(broken, photo["mask"], "lamp")
+    with pytest.raises(ValueError, match=r"mask: size \(48, 40\) differs from the image's \(48, 48\)"):
+        pipe(photo["image"], photo["mask"][:40], "lamp")
+    with pytest.raises(ValueError, match="unknown category 'teapot'; the model knows: rice cooker, lamp, coffee mug"):
+        pipe(photo["image"], photo["mask"], "teapot")
+    with pytest.raises(ValueError, match="needs a mask"):
+        pipe(photo["image"], category="lamp")
+    with pytest.raises(ValueError, match="reference: an image without an alpha channel needs its product mask"):
+        pipe(photo["image"], photo["mask"], "lamp", reference=photo["reference"])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pipe(photo["image"], photo["mask"], "lamp", size=30)
+
+
+def test_base_model_and_shared_identifier(model, photo, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(model, base, ignore=shutil.ignore_patterns("cg", "pg", "method.json", "identifiers.safetensors"))
+    model_dir.write_manifest(base, ["unet", "vae", "text_encoder"], "test")
+    pipe = BackgroundPipeline.from_pretrained(base)
+    assert not pipe.has_cg and not pipe.has_pg
+    (image,) = pipe(photo["image"], photo["mask"], "any product at all", num_images=1, steps=STEPS)
+    np.testing.assert_array_equal(np.asarray(image)[photo["mask"]], photo["image"][photo["mask"]])
+
+    shared = tmp_path / "shared"
+    shutil.copytree(model, shared)
+    model_dir.save_method(shared, MethodConfig(identifiers="shared"), CATEGORIES, np.zeros((1, 32), np.float32))
+    prepared = BackgroundPipeline.from_pretrained(shared).prepare(photo["image"], photo["mask"], "teapot")
+    assert prepared.category == "teapot" and prepared.prompt.text.startswith("A photo of teapot")
+
+
+def _generate_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model), "--num-images", "2", "--steps", str(STEPS), "--out", str(out), *extra]
+
+
+def test_cli_single_product(model, pipe, photo, tmp_path, capsys):
+    f = photo["folder"]
+    args = _generate_args(model, tmp_path, "--product", str(f / "product.png"), "--mask", str(f / "mask.png"),
+                          "--category", "lamp", "--seed", "0")
+    assert main(args) == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name.rsplit("_", 1)[1] for p in pngs] == ["0.png", "1.png"]
+    want = _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=2, seed=0, steps=STEPS))
+    np.testing.assert_array_equal(_arrays([Image.open(p) for p in pngs]), want)
+    info = json.loads(pngs[1].with_suffix(".json").read_text())
+    assert info["image_index"] == 1 and info["category"] == "lamp" and info["seed"] == 0
+    assert info["prompt"] == "A photo of lamp, in the background of *" and info["lambda_pg"] is None
+    assert info["lambda_cg"] == 1.0 and info["sampler"] == "dpmpp_2m" and info["steps"] == STEPS
+    assert info["product"].endswith("product.png") and info["bgjax_version"]
+
+    assert main(_generate_args(model, tmp_path / "bad", "--product", str(f / "product.png"), "--mask",
+                               str(f / "mask.png"), "--category", "teapot")) == 2
+    assert "the model knows: rice cooker, lamp, coffee mug" in capsys.readouterr().err
+    assert main(_generate_args(model, tmp_path / "bad", "--product", str(f / "nothing.png"), "--category",
+                               "lamp")) == 2
+    assert "product: file not found" in capsys.readouterr().err
+
+
+def test_cli_manifest_reports_broken_lines_and_resumes(model, photo, tmp_path, capsys):
+    f = photo["folder"]
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(f / "small_mask.png")
+    (f / "broken.png").write_bytes(b"not an image")
+    manifest = f / "manifest.csv"
+    manifest.write_text("product,mask,category,reference,reference_mask,seed,num_images\n"
+                        "product.png,mask.png,lamp,reference.jpg,reference_mask.png,0,2\n"
+                        "product.png,small_mask.png,lamp,,,,\n"
+                        "product.png,mask.png,,,,,\n"
+                        "cutout.png,,coffee mug,,,5,2\n"
+                        "product.png,mask.png,teapot,,,,\n"
+                        "broken.png,mask.png,lamp,,,,\n")
+    out = tmp_path / "out"
+    assert main(_generate_args(model, out, "--manifest", str(manifest))) == 1
+    captured = capsys.readouterr()
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [3, 4, 6, 7]
+    assert "differs from the image's" in errors[0]["reason"] and errors[1]["reason"] == "missing field category"
+    assert "unknown category 'teapot'" in errors[2]["reason"] and "unreadable" in errors[3]["reason"]
+    assert "manifest.csv:3: mask: size" in captured.err
+    assert "generated 4 images for 2 items" in captured.out and "4 inputs with errors" in captured.out
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4 and all(p.with_suffix(".json").is_file() for p in pngs)
+    sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in pngs]
+    assert {(s["line"], s["category"], s["lambda_pg"]) for s in sidecars} == {(2, "lamp", 1.0),
+                                                                               (5, "coffee mug", None)}
+    times = [p.stat().st_mtime_ns for p in pngs]
+
+    assert main(_generate_args(model, out, "--manifest", str(manifest), "--contact-sheet")) == 1
+    assert "generated 0 images for 0 items" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in sorted(out.glob("*_[0-9].png"))] == times
+    assert Image.open(out / "contact_sheet.png").size == (3 * 128, 2 * (128 + 18))
