@@ -63,6 +63,22 @@ def _metric_weights(args: argparse.Namespace) -> None:
     print(f"wrote {args.kind} weights to {args.out}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    import jax
+
+    from bgjax.train.config_file import load_config
+    from bgjax.train.loop import train
+
+    config = load_config(Path(args.config), args.overrides)  # before jax starts: a bad config fails fast
+    if args.coordinator or args.distributed:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    summary = train(config, Path(args.workdir))
+    if summary["stopped"]:
+        print(f"stopped ({summary['stopped']}) at step {summary['step']}; checkpoint saved in {args.workdir}")
+    else:
+        print(f"trained to step {summary['step']}; model written to {Path(args.workdir) / 'model'}")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from bgjax.sampling.generate import generate_command
 
@@ -88,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a bgjax model directory")
     p.add_argument("--out", required=True, help="the diffusers folder to write")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("train", help="train a stage (vae, unet, cg, pg) from a config file",
+                       epilog="Override any config field with --config.a.b=value.")
+    p.add_argument("--config", required=True, help="a config file in configs/ (defines get_config())")
+    p.add_argument("--workdir", required=True, help="checkpoints, logs and the trained model; reruns resume")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() from the cluster's environment (TPU pods, SLURM)")
+    p.add_argument("--coordinator", help="multi-host by hand: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.set_defaults(run=_train, overrides=[])
 
     p = sub.add_parser("generate", help="product (+ mask) or cut-out, category [, reference] -> ad images",
                        description="Writes OUT/*.png with a JSON sidecar each; reruns skip finished items. "
@@ -162,11 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     from bgjax.convert.errors import CheckpointError
     from bgjax.data.records import RecordError
     from bgjax.models.configs import ConfigError
+    from bgjax.train import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown and args.command != "train":
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = unknown
     try:
         status = args.run(args)
-    except (CheckpointError, ConfigError, RecordError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, RecordError, FileNotFoundError, TrainingDiverged) as e:
         print(f"bgjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return status or 0

@@ -114,9 +114,9 @@ SHARDED = textwrap.dedent("""
               "data 2 fsdp 2 tensor 2": dict(data=2, fsdp=2, tensor=2)}
 
     def run(trainer, state, batches):
-        losses = []
+        losses, placed = [], trainer.place(frozen)
         for b in batches:
-            state, m = trainer.step(state, trainer.frozen, sharding.global_batch(b, trainer.mesh))
+            state, m = trainer.step(state, placed, sharding.global_batch(b, trainer.mesh))
             losses.append(float(m["loss"]))
         return state, losses
 
@@ -124,14 +124,14 @@ SHARDED = textwrap.dedent("""
     for name, kw in meshes.items():
         mesh = sharding.make_mesh(**kw)
         trainer = Trainer(config, models, trained, frozen, empty, mesh)
-        state, losses = run(trainer, trainer.fresh_state(), local)
+        state, losses = run(trainer, trainer.fresh_state(trained), local)
         flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
         shards = {str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 4}
         out[name] = {"losses": losses, "params": flat.tolist()[:: max(1, flat.size // 20000)], "specs": sorted(shards)}
 
     # Save on the FSDP mesh after 2 steps, restore onto the data-parallel mesh, take 2 more steps.
     fsdp = Trainer(config, models, trained, frozen, empty, sharding.make_mesh(data=1, fsdp=8))
-    state, _ = run(fsdp, fsdp.fresh_state(), local[:2])
+    state, _ = run(fsdp, fsdp.fresh_state(trained), local[:2])
     ckpt = Checkpoints(Path(workdir) / "ckpt", keep=1)
     ckpt.save(2, state, batches, config.to_dict())
     ckpt.wait()

@@ -107,18 +107,19 @@ def train(config, workdir: Path) -> dict:
     batches = data_iterator(config, data_dir, tables)
 
     trainer = Trainer(config, models, trained, frozen, empty, mesh)
-    del trained, frozen
+    frozen = trainer.place(frozen)
     checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
     start = checkpoints.latest_step()
     if start is None:
-        state, start = trainer.fresh_state(), 0
+        state, start = trainer.fresh_state(trained), 0
     else:
         state = checkpoints.restore(start, trainer.abstract_state, batches)
         _log.info("resumed from step %d", start)
+    del trained
 
     batch = sharding.global_batch(next(batches), mesh) if start < config.num_steps else None
     t0 = time.perf_counter()
-    compiled = trainer.step.lower(state, trainer.frozen, batch).compile() if batch is not None else None
+    compiled = trainer.step.lower(state, frozen, batch).compile() if batch is not None else None
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis() if compiled is not None else None
     flops = float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0))
@@ -131,7 +132,7 @@ def train(config, workdir: Path) -> dict:
     bar = tqdm(total=config.num_steps, initial=start, desc=f"train {config.stage}", disable=not leader)
     try:
         while step < config.num_steps:
-            state, metrics = compiled(state, trainer.frozen, batch)
+            state, metrics = compiled(state, frozen, batch)
             step += 1
             if step % config.log_every == 0 or step == config.num_steps:
                 _check_finite(state, checkpoints)
@@ -163,7 +164,7 @@ def train(config, workdir: Path) -> dict:
             writer.close()
     if stopped is None:
         params = state.ema if state.ema is not None else state.params
-        exported = _host({**{k: v for k, v in trainer.frozen.items() if k not in params}, **params})
+        exported = _host({**{k: v for k, v in frozen.items() if k not in params}, **params})
         if config.stage == "vae":
             models.configs["vae"]["scaling_factor"] = latent_scale(models, exported["vae"], batches)
         if leader:
@@ -173,27 +174,30 @@ def train(config, workdir: Path) -> dict:
 
 
 class Trainer:
-    """The stage's optimizer, the state's and frozen params' placement on `mesh`, and the jitted step."""
+    """The stage's optimizer, where the state and the frozen params live on `mesh`, and the jitted
+    step. Built from arrays or ShapeDtypeStructs, so a step can be compiled without any weights."""
 
     def __init__(self, config, models, trained: dict, frozen: dict, empty_prompt: dict | None, mesh):
         rules = tuple(tuple(r) for r in config.mesh.rules)
-        self.config, self.mesh, self.trained = config, mesh, trained
+        self.config, self.mesh = config, mesh
         self.tx = make_optimizer(config)
-        self.abstract_state = jax.eval_shape(self._init, trained)
-        self.state_shardings = sharding.tree_shardings(self.abstract_state, mesh, rules)
-        self.abstract_state = abstract(self.abstract_state, self.state_shardings)
-        frozen_shardings = sharding.tree_shardings(frozen, mesh, rules)
-        self.frozen = sharding.put(jax.device_get(frozen), frozen_shardings)
+        state_shapes = jax.eval_shape(self._init, trained)
+        self.state_shardings = sharding.tree_shardings(state_shapes, mesh, rules)
+        self.abstract_state = abstract(state_shapes, self.state_shardings)
+        self.frozen_shardings = sharding.tree_shardings(frozen, mesh, rules)
+        self.abstract_frozen = abstract(frozen, self.frozen_shardings)
         self.step = jit_train_step(models, self.tx, config, empty_prompt, mesh, self.state_shardings,
-                                   frozen_shardings)
+                                   self.frozen_shardings)
 
     def _init(self, params):
         return init_state(params, self.tx, self.config.seed, self.config.optim.ema_decay > 0)
 
-    def fresh_state(self):
-        params = sharding.put(jax.device_get(self.trained), jax.tree.map(lambda s: s.sharding,
-                                                                         self.abstract_state.params))
+    def fresh_state(self, trained: dict):
+        params = sharding.put(jax.device_get(trained), self.state_shardings.params)
         return jax.jit(self._init, out_shardings=self.state_shardings)(params)
+
+    def place(self, frozen: dict) -> dict:
+        return sharding.put(jax.device_get(frozen), self.frozen_shardings)
 
 
 def latent_scale(models, vae_params: dict, batches, num_batches: int = 8) -> float:

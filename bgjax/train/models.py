@@ -5,6 +5,7 @@ back as a bgjax model directory when training ends."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -63,6 +64,10 @@ def _stage(stage: str) -> tuple[str, ...]:
     return NEEDED[stage]
 
 
+def _init(kind: str, module: nn.Module, key: jax.Array) -> dict:
+    return jax.jit(functools.partial(init_params, kind, module))(key)  # one compiled init, not op by op
+
+
 def _controlnet_config(unet_config: dict, overrides: dict) -> dict:
     return {**UNetConfig.from_dict(unet_config).controlnet_dict(), **overrides}
 
@@ -89,12 +94,12 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
         if kind in ("cg", "pg"):  # a fresh branch starts as a copy of the UNet's encoder
             configs[kind] = _controlnet_config(configs["unet"], init.get(kind, {}))
             modules[kind] = build(kind, configs[kind], dtype, **options)
-            fresh = init_params(kind, modules[kind], jax.random.fold_in(key, i))
+            fresh = _init(kind, modules[kind], jax.random.fold_in(key, i))
             params[kind] = controlnet_params_from_unet(params["unet"], fresh)
         elif kind in init:
             configs[kind] = dict(init[kind])
             modules[kind] = build(kind, configs[kind], dtype, **options)
-            params[kind] = init_params(kind, modules[kind], jax.random.fold_in(key, i))
+            params[kind] = _init(kind, modules[kind], jax.random.fold_in(key, i))
         else:
             where = f"{base} has no {kind}/" if base else "no base model (config.model) is given"
             raise ConfigError(f"config.init.{kind}: needed by the {config.stage} stage, and {where}")
