@@ -34,6 +34,7 @@ CONFIG = Path(__file__).parent.parent / "configs" / "cg_sd15_512.py"
 
 
 def synthetic_batch(models, categories: dict, batch: int, resolution: int, latents: bool) -> dict:
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     rng = np.random.default_rng(0)
     cid = np.arange(batch) % len(categories)
     tables = models.prompt_tables(categories)
@@ -43,7 +44,7 @@ def synthetic_batch(models, categories: dict, batch: int, resolution: int, laten
            "category_id": cid.astype(np.int32), "example_seed": np.arange(batch, dtype=np.uint32),
            **{k: v[cid] for k, v in tables.items()}}
     if latents:
-        shape = (batch, resolution // 8, resolution // 8, 4)
+        shape = (batch, resolution // factor, resolution // factor, 4)
         out["latent_mean"] = rng.standard_normal(shape).astype(np.float16)
         out["latent_logvar"] = np.full(shape, -6, np.float16)
     return out
@@ -51,6 +52,7 @@ def synthetic_batch(models, categories: dict, batch: int, resolution: int, laten
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("sd15", "tiny"), default="sd15", help="tiny: a CPU smoke run at 64 px")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
@@ -62,7 +64,12 @@ def main() -> None:
 
     config = load_config(CONFIG, [f"--config.data.batch_size={args.batch}", f"--config.mesh.fsdp={args.fsdp}",
                                   "--config.model=''"])
-    config.init = {**presets.SD15_RANDOM, "cg": {}}
+    if args.size == "sd15":
+        config.init = {**presets.SD15_RANDOM, "cg": {}}
+    else:
+        config.init = {"vae": presets.TINY_VAE, "text_encoder": presets.TINY_TEXT_ENCODER, "unet": presets.TINY_UNET,
+                       "cg": presets.TINY_BRANCH, "tokenizer": "byte", "scheduler": presets.SCHEDULER}
+        config.data.crop.resolution = 64
     categories = {f"category {i}": i for i in range(8)}
     workdir = Path(tempfile.mkdtemp())
     dtype = jnp.bfloat16
@@ -103,7 +110,9 @@ def main() -> None:
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - t0)
         dt = statistics.median(times[2:])
-        flops = args.batch * 3 * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) / len(jax.devices())
+        cost = compiled.cost_analysis()
+        flops = (args.batch * 3 * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) / len(jax.devices()) if args.size == "sd15"
+                 else float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)))
         row.update(s_per_step=dt, img_per_s=args.batch / dt, tflops_per_device=flops / dt / 1e12,
                    loss=float(metrics["loss"]))
         if peak_tflops(config):
