@@ -23,6 +23,7 @@ floats in [0, 1] are accepted too; see `binary_mask`).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ __all__ = [
     "PGAugmentConfig",
     "binary_mask",
     "crop_resize",
+    "crop_resize_encoded",
     "dilate",
     "draw_pg_batch",
     "draw_pg_params",
@@ -123,6 +125,10 @@ class CropConfig:
     flip_probability: probability of a horizontal flip (image and mask together).
     pad_mode: numpy pad mode for the image when the product is larger than any in-image square
         ("edge", "reflect" or "symmetric"); the mask is padded with background.
+    jpeg_draft: when a JPEG crop is at least twice the resolution, decode it at 1/2, 1/4 or 1/8
+        scale in the DCT (libjpeg's scaled decoding, several times faster), never below the
+        resolution; the result differs from a full decode + resize by resampling noise only
+        (tests/test_augment.py states the tolerance). False: always decode fully.
     """
 
     resolution: int = 512
@@ -130,6 +136,7 @@ class CropConfig:
     min_product_fraction: float = 0.5
     flip_probability: float = 0.5
     pad_mode: str = "edge"
+    jpeg_draft: bool = True
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
@@ -152,35 +159,37 @@ def _origin(lo_edge: int, hi_edge: int, side: int, size: int, rng: np.random.Gen
     return int(rng.integers(low, high + 1))
 
 
+def _crop_square(
+    height: int, width: int, box: tuple[int, int, int, int] | None, rng: np.random.Generator, cfg: CropConfig
+) -> tuple[int, int, int]:
+    """`sample_crop` from the image size and the product's bbox (y0, y1, x0, x1), None if empty."""
+    short = min(height, width)
+    scale_lo = max(1, math.ceil(cfg.scale_range[0] * short))
+    scale_hi = max(1, math.floor(cfg.scale_range[1] * short))
+    if box is None:
+        side = int(rng.integers(scale_lo, max(scale_lo, scale_hi) + 1))
+        return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1)), side
+    y0, y1, x0, x1 = box
+    extent = max(y1 - y0, x1 - x0)
+    lo = max(extent, scale_lo)
+    hi = scale_hi
+    if cfg.min_product_fraction > 0:
+        hi = min(hi, math.floor(extent / cfg.min_product_fraction))
+    hi = max(lo, hi)
+    if lo > short:  # larger than any in-image square: the smallest square containing it
+        lo = hi = extent
+    else:
+        hi = min(hi, short)
+    side = int(rng.integers(lo, hi + 1))
+    return _origin(y0, y1, side, height, rng), _origin(x0, x1, side, width, rng), side
+
+
 def sample_crop(mask: np.ndarray, rng: np.random.Generator, cfg: CropConfig) -> tuple[int, int, int]:
     """(top, left, side) of the square crop `crop_resize` takes (it calls this first, with the same
     rng). The crop contains the whole product bbox; top/left are negative, or top + side > H /
     left + side > W, only when the product is larger than the image's shorter side."""
     keep = binary_mask(mask)
-    height, width = keep.shape
-    short = min(height, width)
-    box = _bbox(keep)
-    scale_lo = max(1, math.ceil(cfg.scale_range[0] * short))
-    scale_hi = max(1, math.floor(cfg.scale_range[1] * short))
-    if box is None:
-        y0 = y1 = x0 = x1 = None
-        lo, hi = scale_lo, max(scale_lo, scale_hi)
-    else:
-        y0, y1, x0, x1 = box
-        extent = max(y1 - y0, x1 - x0)
-        lo = max(extent, scale_lo)
-        hi = scale_hi
-        if cfg.min_product_fraction > 0:
-            hi = min(hi, math.floor(extent / cfg.min_product_fraction))
-        hi = max(lo, hi)
-        if lo > short:  # larger than any in-image square: the smallest square containing it
-            lo = hi = extent
-        else:
-            hi = min(hi, short)
-    side = int(rng.integers(lo, hi + 1))
-    if box is None:
-        return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1)), side
-    return _origin(y0, y1, side, height, rng), _origin(x0, x1, side, width, rng), side
+    return _crop_square(*keep.shape, _bbox(keep), rng, cfg)
 
 
 def _take(array: np.ndarray, top: int, left: int, side: int, mode: str, **kwargs) -> np.ndarray:
@@ -192,6 +201,53 @@ def _take(array: np.ndarray, top: int, left: int, side: int, mode: str, **kwargs
         pads += [(0, 0)] * (array.ndim - 2)
         window = np.pad(window, pads, mode=mode, **kwargs)
     return window
+
+
+# point() tables for L masks: 0/255 from >= 128 (greyscale masks, and area-resized ones at one half),
+# and from > 0 (an area-resized product that would vanish keeps every partly covered pixel)
+_HALF = [0] * 128 + [255] * 128
+_ANY = [0] + [255] * 255
+
+
+def _draft_scale(image: Image.Image, side: int, resolution: int) -> int:
+    """Let a JPEG decode at 1/s scale (s in 1, 2, 4, 8) with side / s >= resolution; returns s."""
+    width, height = image.size
+    request = (math.ceil(width * resolution / side), math.ceil(height * resolution / side))
+    if image.draft("RGB", request) is None:  # not a JPEG, or decoded already
+        return 1
+    return round(width / image.size[0])  # the decoded size is ceil(width / s)
+
+
+def _crop_resize_pil(
+    image: Image.Image, mask: Image.Image, rng: np.random.Generator, cfg: CropConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """`crop_resize` on PIL images: `image` possibly not decoded yet (a JPEG then decodes at the
+    scale the crop needs), `mask` an L image with 0/255 values."""
+    if image.size != mask.size:
+        raise ValueError(f"mask is {mask.size} but its image is {image.size} (W, H)")
+    width, height = mask.size
+    bbox = mask.getbbox()  # (x0, y0, x1, y1) of nonzero pixels, in C
+    box = None if bbox is None else (bbox[1], bbox[3], bbox[0], bbox[2])
+    top, left, side = _crop_square(height, width, box, rng, cfg)
+    size = (cfg.resolution, cfg.resolution)
+    if top >= 0 and left >= 0 and top + side <= height and left + side <= width:
+        # Inside the image: PIL resamples straight from the crop box, no copy of the crop.
+        crop_box = (left, top, left + side, top + side)
+        scale = _draft_scale(image, side, cfg.resolution) if cfg.jpeg_draft else 1
+        out = image.convert("RGB") if image.mode != "RGB" else image
+        out = out.resize(size, Image.Resampling.BILINEAR, box=tuple(v / scale for v in crop_box))
+        area = mask.resize(size, Image.Resampling.BOX, box=crop_box)
+    else:
+        crop = np.ascontiguousarray(_take(np.asarray(image.convert("RGB")), top, left, side, cfg.pad_mode))
+        out = Image.fromarray(crop, "RGB").resize(size, Image.Resampling.BILINEAR)
+        crop_mask = np.ascontiguousarray(_take(np.asarray(mask), top, left, side, "constant", constant_values=0))
+        area = Image.fromarray(crop_mask, "L").resize(size, Image.Resampling.BOX)
+    out_mask = area.point(_HALF)
+    if box is not None and out_mask.getbbox() is None:  # the crop holds the whole product
+        out_mask = area.point(_ANY)
+    if rng.random() < cfg.flip_probability:
+        out, out_mask = (im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in (out, out_mask))
+    return np.asarray(out), np.asarray(out_mask)
 
 
 def crop_resize(
@@ -207,28 +263,20 @@ def crop_resize(
     image = _check_image(image)
     keep = binary_mask(mask)
     _check_pair(image, keep)
-    top, left, side = sample_crop(keep, rng, cfg)
-    size = (cfg.resolution, cfg.resolution)
-    h, w = keep.shape
-    mask255 = keep.astype(np.uint8) * np.uint8(255)
-    if top >= 0 and left >= 0 and top + side <= h and left + side <= w:
-        # Inside the image: PIL resamples straight from the crop box, no copy of the crop.
-        box = (left, top, left + side, top + side)
-        out = np.asarray(Image.fromarray(image, "RGB").resize(size, Image.Resampling.BILINEAR, box=box))
-        area = np.asarray(Image.fromarray(mask255, "L").resize(size, Image.Resampling.BOX, box=box))
-        crop_mask = keep[top:top + side, left:left + side]
-    else:
-        crop = np.ascontiguousarray(_take(image, top, left, side, cfg.pad_mode))
-        out = np.asarray(Image.fromarray(crop, "RGB").resize(size, Image.Resampling.BILINEAR))
-        crop_mask = np.ascontiguousarray(_take(mask255, top, left, side, "constant", constant_values=0))
-        area = np.asarray(Image.fromarray(crop_mask, "L").resize(size, Image.Resampling.BOX))
-    out_mask = area >= 128
-    if not out_mask.any() and crop_mask.any():
-        out_mask = area > 0
-    out_mask = out_mask.astype(np.uint8) * np.uint8(255)
-    if rng.random() < cfg.flip_probability:
-        out, out_mask = out[:, ::-1], out_mask[:, ::-1]
-    return np.ascontiguousarray(out), np.ascontiguousarray(out_mask)
+    return _crop_resize_pil(Image.fromarray(image, "RGB"), Image.fromarray(keep.view(np.uint8) * np.uint8(255), "L"),
+                            rng, cfg)
+
+
+def crop_resize_encoded(
+    image: bytes, mask: bytes, rng: np.random.Generator, cfg: CropConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """`crop_resize` from encoded bytes (JPEG / PNG image, greyscale mask image: > 127 is product).
+
+    Decodes in PIL straight into the crop's resize, without numpy copies in between; a JPEG decodes
+    at a reduced DCT scale when the crop allows (`CropConfig.jpeg_draft`)."""
+    mask_image = Image.open(io.BytesIO(mask))
+    mask_image = (mask_image if mask_image.mode == "L" else mask_image.convert("L")).point(_HALF)
+    return _crop_resize_pil(Image.open(io.BytesIO(image)), mask_image, rng, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

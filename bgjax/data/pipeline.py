@@ -23,7 +23,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize, draw_pg_batch
+from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize_encoded, draw_pg_batch
 from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
@@ -46,18 +46,23 @@ class Decode(grain.transforms.Map):
 
     `example_seed` keys the trainer's per-example randomness: the record's position in the
     shuffled stream (ArrayRecord), or a hash of its id (TFRecord, which has no positions).
+    With `encoded`, image and mask stay encoded for `Crop`, which decodes them straight into its
+    resize (no numpy copies; a JPEG at reduced scale where the crop allows).
     """
 
-    def __init__(self, prompts: dict[str, np.ndarray]):
+    def __init__(self, prompts: dict[str, np.ndarray], encoded: bool = False):
         self.prompts = prompts
+        self.encoded = encoded
 
     def map(self, element: bytes | tuple[int, bytes]) -> dict:
         position, record = element if isinstance(element, tuple) else (None, element)
         ex = decode_example(record)
         cid = ex["category_id"][0]
         seed = zlib.crc32(ex["id"][0]) if position is None else position % 2**32
-        out = {"image": decode_rgb(ex["image"][0]), "mask": (decode_mask(ex["mask"][0]) > 127).astype(np.uint8),
-               "category_id": np.int32(cid), "example_seed": np.uint32(seed)}
+        image, mask = ex["image"][0], ex["mask"][0]
+        if not self.encoded:
+            image, mask = decode_rgb(image), (decode_mask(mask) > 127).view(np.uint8)
+        out = {"image": image, "mask": mask, "category_id": np.int32(cid), "example_seed": np.uint32(seed)}
         out.update({k: v[cid] for k, v in self.prompts.items()})
         if "latent_mean" in ex:
             out.update(decode_latents(ex))
@@ -69,12 +74,14 @@ def _with_position(position: int, record: bytes) -> tuple[int, bytes]:
 
 
 class Crop(grain.transforms.RandomMap):
+    """Encoded image and mask -> the training crop (`crop_resize_encoded`)."""
+
     def __init__(self, cfg: CropConfig):
         self.cfg = cfg
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        image, mask = crop_resize(element["image"], element["mask"], rng, self.cfg)
-        return {**element, "image": image, "mask": (mask > 127).astype(np.uint8)}
+        image, mask = crop_resize_encoded(element["image"], element["mask"], rng, self.cfg)
+        return {**element, "image": image, "mask": (mask > 127).view(np.uint8)}
 
 
 class PGPerturb(grain.transforms.RandomMap):
@@ -98,11 +105,12 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
     paths = [str(data_dir / s["path"]) for s in manifest["shards"] if s["num_records"]]
     if not paths:
         raise ValueError(f"{data_dir}: the manifest lists no records")
+    crop = "latents" not in manifest  # latent caches hold crops already
     if manifest["format"] == "arrayrecord":
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).seed(cfg.seed).shuffle()
         ds = ds.repeat(cfg.num_epochs).map_with_index(_with_position)
-        ds = ds[process_index::process_count].map(Decode(prompts))
-        if "latents" not in manifest:
+        ds = ds[process_index::process_count].map(Decode(prompts, encoded=crop))
+        if crop:
             ds = ds.random_map(Crop(cfg.crop))
         ds = ds.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
@@ -112,8 +120,8 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
         files = grain.MapDataset.source(paths).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
         files = files[process_index::process_count].map(grain.experimental.TFRecordIterDataset)
         it = grain.experimental.InterleaveIterDataset(files, cycle_length=cfg.interleave_cycle_length)
-        it = it.map(Decode(prompts))
-        if "latents" not in manifest:
+        it = it.map(Decode(prompts, encoded=crop))
+        if crop:
             it = it.random_map(Crop(cfg.crop), seed=cfg.seed)
         it = it.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
