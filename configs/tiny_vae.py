@@ -18,7 +18,7 @@ def get_config():
     c.optim.schedule = "cosine"
     c.optim.weight_decay = 0.0
     c.loss.kl_weight = 1e-4
-    c.num_steps = 1500
+    c.num_steps = 500
     c.log_every = 50
-    c.checkpoint_every = 500
+    c.checkpoint_every = 250
     return c

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,11 @@ def synthetic_batch(models, categories: dict, batch: int, resolution: int, laten
     return out
 
 
+def phase(name: str, since: float) -> float:
+    print(f"[{time.perf_counter() - since:7.1f} s] {name}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("sd15", "tiny"), default="sd15", help="tiny: a CPU smoke run at 64 px")
@@ -73,6 +79,7 @@ def main() -> None:
     categories = {f"category {i}": i for i in range(8)}
     workdir = Path(tempfile.mkdtemp())
     dtype = jnp.bfloat16
+    t = time.perf_counter()
     if args.memory_only:  # shapes only: the SD-1.5 weights are never materialised
         holder = {}
 
@@ -84,15 +91,18 @@ def main() -> None:
         models = holder["models"]
     else:
         models, trained, frozen = load_stage(config, categories, dtype, workdir)
+    t = phase("models", t)
     empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()}
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     trainer = Trainer(config, models, trained, frozen, empty, mesh)
     local = synthetic_batch(models, categories, args.batch, config.data.crop.resolution, not args.vae)
+    t = phase("trainer", t)
     batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                     for k, v in local.items()}
     t0 = time.perf_counter()
     compiled = trainer.step.lower(trainer.abstract_state, trainer.abstract_frozen, batch_shapes).compile()
     compile_s = time.perf_counter() - t0
+    t = phase("compiled", t)
     mem = compiled.memory_analysis()
     gib = {f"{k}_gib": getattr(mem, f"{k}_size_in_bytes", 0) / 2**30
            for k in ("argument", "output", "alias", "temp", "generated_code")}

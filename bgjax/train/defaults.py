@@ -66,6 +66,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.sample_every = 0  # 0: no sample grids
     c.sample_steps = 20
-    c.sample_categories = ()  # validation prompts for the grids; () = the first categories
+    c.num_samples = 4  # validation products in a grid (one per category first)
     c.peak_tflops = 0.0  # per device, for MFU; 0 = from the device kind when known
     return c

@@ -26,6 +26,7 @@ from bgjax.models.configs import ConfigError
 from bgjax.train import TrainingDiverged, sharding
 from bgjax.train.checkpoint import Checkpoints, abstract
 from bgjax.train.models import load_stage, save_model
+from bgjax.train.samples import sample_grid, validation_set
 from bgjax.train.step import init_state, jit_train_step, make_optimizer
 
 _log = logging.getLogger("bgjax.train")
@@ -126,6 +127,7 @@ def train(config, workdir: Path) -> dict:
     _log.info("train step compiled in %.1f s (%.3g TFLOP per device per step)", compile_s, flops / 1e12)
 
     writer = _summary_writer(workdir) if leader else None
+    validation = validation_set(data_dir, config.num_samples) if config.sample_every and leader else []
     preemption = Preemption()
     peak = peak_tflops(config)
     step, last_time, last_step, stopped = start, time.perf_counter(), start, None
@@ -149,6 +151,8 @@ def train(config, workdir: Path) -> dict:
             if step % config.checkpoint_every == 0 or step == config.num_steps or preempted:
                 _check_finite(state, checkpoints)
                 checkpoints.save(step, state, batches, config.to_dict())
+            if config.sample_every and step % config.sample_every == 0 and config.stage != "vae":
+                _write_samples(models, {**frozen, **state.params}, validation, config, workdir, writer, step)
             bar.update(1)
             if preempted:
                 stopped = "preempted"
@@ -215,6 +219,16 @@ def _check_finite(state, checkpoints: Checkpoints) -> None:
         checkpoints.wait()
         raise TrainingDiverged(f"step {bad}: the loss or gradient is not finite; stopped without saving it "
                                f"(last checkpoint: step {checkpoints.latest_step()})")
+
+
+def _write_samples(models, params: dict, validation: list[dict], config, workdir: Path, writer, step: int) -> None:
+    params = _host(params)  # a collective: every process takes part
+    if not validation:
+        return
+    grid = sample_grid(models, params, validation, config.sample_steps, config.seed)
+    (workdir / "samples").mkdir(exist_ok=True)
+    grid.save(workdir / "samples" / f"step_{step:07d}.png")
+    writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
 
 
 def _summary_writer(workdir: Path):
