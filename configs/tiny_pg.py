@@ -15,7 +15,7 @@ def get_config():
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 20
     c.optim.weight_decay = 0.0
-    c.num_steps = 200
+    c.num_steps = 120
     c.log_every = 20
-    c.checkpoint_every = 100
+    c.checkpoint_every = 60
     return c

@@ -22,7 +22,7 @@ def get_config():
     c.optim.schedule = "cosine"
     c.optim.weight_decay = 0.0
     c.optim.ema_decay = 0.99
-    c.num_steps = 1000
+    c.num_steps = 600
     c.log_every = 50
-    c.checkpoint_every = 250
+    c.checkpoint_every = 200
     return c
