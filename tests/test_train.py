@@ -111,7 +111,7 @@ SHARDED = textwrap.dedent("""
     local = [next(batches) for _ in range(4)]
     devices = jax.devices()
     meshes = {"1 device": dict(data=1, devices=devices[:1]), "data 8": dict(data=8), "fsdp 8": dict(data=1, fsdp=8),
-              "data 2 fsdp 2 tensor 2": dict(data=2, fsdp=2, tensor=2)}
+              "data 2 fsdp 4": dict(data=2, fsdp=4), "tensor 8": dict(data=1, tensor=8)}
 
     def run(trainer, state, batches):
         losses, placed = [], trainer.place(frozen)
@@ -147,8 +147,8 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_steps_match_one_device_and_restore_onto_another_mesh(tmp_path, data_dir):
-    """8 simulated devices: data parallel, FSDP, and data x fsdp x tensor give one device's losses and
-    params (fp32, relative 1e-5); a checkpoint from the FSDP mesh restores bit-exactly onto the
+    """8 simulated devices: data parallel, FSDP, both, and tensor sharding give one device's losses
+    and params (fp32, relative 1e-5); a checkpoint from the FSDP mesh restores bit-exactly onto the
     data-parallel one and continues as the uninterrupted run."""
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
@@ -158,12 +158,12 @@ def test_sharded_steps_match_one_device_and_restore_onto_another_mesh(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     ref = out["1 device"]
-    for name in ("data 8", "fsdp 8", "data 2 fsdp 2 tensor 2"):
+    for name in ("data 8", "fsdp 8", "data 2 fsdp 4", "tensor 8"):
         np.testing.assert_allclose(out[name]["losses"], ref["losses"], rtol=1e-5, err_msg=name)
         a, b = np.asarray(out[name]["params"]), np.asarray(ref["params"])
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, name
     assert any("fsdp" in s for s in out["fsdp 8"]["specs"])  # optimizer state really is sharded
-    assert any("tensor" in s for s in out["data 2 fsdp 2 tensor 2"]["specs"])
+    assert any("tensor" in s for s in out["tensor 8"]["specs"])
     assert out["restored"]["identical"]
     assert not any("fsdp" in s for s in out["restored"]["specs"])  # placed for the new mesh
     np.testing.assert_allclose(out["restored"]["losses"], ref["losses"][2:], rtol=1e-5)
