@@ -126,9 +126,10 @@ class CropConfig:
     pad_mode: numpy pad mode for the image when the product is larger than any in-image square
         ("edge", "reflect" or "symmetric"); the mask is padded with background.
     jpeg_draft: when a JPEG crop is at least twice the resolution, decode it at 1/2, 1/4 or 1/8
-        scale in the DCT (libjpeg's scaled decoding, several times faster), never below the
-        resolution; the result differs from a full decode + resize by resampling noise only
-        (tests/test_augment.py states the tolerance). False: always decode fully.
+        scale in the DCT (libjpeg's scaled decoding: 1.5x to 2.3x less decoding time measured on
+        a 3000 px photo), never below the resolution; the result differs from a full decode +
+        resize by resampling noise only (tests/test_augment.py states the tolerance). False:
+        always decode fully.
     """
 
     resolution: int = 512

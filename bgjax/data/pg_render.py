@@ -7,7 +7,8 @@ reference `bgjax.data.augment.render_pg` bit for bit on any backend: shapes are 
 the shift a gather, and uint8 -> [-1, 1] a lookup of numpy's own 256 values, so no floating-point
 rounding (fused multiply-adds, reciprocal division) can differ.
 
-Each image is mixed with the next image of the batch it is rendered in (the last with the first).
+Each image is mixed with the next image of the batch it is rendered in (the last with the first);
+in a batch sharded over devices that moves one image per shard (a collective permute, no gather).
 """
 
 from __future__ import annotations
