@@ -47,6 +47,7 @@ class StageModels:
     configs: dict  # kind -> the config dict written with the component
     categories: list[str]
     prompts: PromptBuilder | None
+    tokenizer_dir: Path | None  # copied into the trained model
 
     def prompt_tables(self, data_categories: dict[str, int]) -> dict[str, np.ndarray]:
         """Per data category id: the prompt arrays and the identifier table row it trains."""
@@ -68,8 +69,13 @@ def _init(kind: str, module: nn.Module, key: jax.Array) -> dict:
     return jax.jit(functools.partial(init_params, kind, module))(key)  # one compiled init, not op by op
 
 
-def _controlnet_config(unet_config: dict, overrides: dict) -> dict:
-    return {**UNetConfig.from_dict(unet_config).controlnet_dict(), **overrides}
+def _controlnet_config(unet_config: dict, vae_config: dict, overrides: dict) -> dict:
+    """A branch's config: the UNet's ControlNet config, its conditioning embedding downsampling the
+    image by the VAE's factor (diffusers' channels, as many levels as that takes), then `overrides`."""
+    levels = len(vae_config["block_out_channels"])
+    config = {**UNetConfig.from_dict(unet_config).controlnet_dict(),
+              "conditioning_embedding_out_channels": [16, 32, 96, 256][:levels]}
+    return {**config, **overrides}
 
 
 def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdir: Path
@@ -92,7 +98,7 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
             configs[kind] = read_config_json(base / kind / "config.json")
             continue
         if kind in ("cg", "pg"):  # a fresh branch starts as a copy of the UNet's encoder
-            configs[kind] = _controlnet_config(configs["unet"], init.get(kind, {}))
+            configs[kind] = _controlnet_config(configs["unet"], configs["vae"], init.get(kind, {}))
             modules[kind] = build(kind, configs[kind], dtype, **options)
             fresh = _init(kind, modules[kind], jax.random.fold_in(key, i))
             params[kind] = controlnet_params_from_unet(params["unet"], fresh)
@@ -108,11 +114,13 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
 
     method = MethodConfig.from_dict(dict(config.method))
     prompts, categories = None, sorted(data_categories, key=data_categories.get)
+    tokenizer_dir = None
     if "text_encoder" in needed:
         tokenizer_dir = base / "tokenizer" if base and (base / "tokenizer").is_dir() else None
         if tokenizer_dir is None and init.get("tokenizer") != "byte":
             raise ConfigError("config.init.tokenizer: the base model has no tokenizer/; set it to 'byte'")
-        tokenizer = load_tokenizer(tokenizer_dir or write_byte_tokenizer(Path(workdir) / "tokenizer"))
+        tokenizer_dir = tokenizer_dir or write_byte_tokenizer(Path(workdir) / "tokenizer")
+        tokenizer = load_tokenizer(tokenizer_dir)
         prompts = PromptBuilder(tokenizer, method)
         if base and (base / "method.json").is_file():
             method, categories, table = model_dir.load_method(base)
@@ -144,7 +152,7 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
             denoiser = dataclasses.replace(denoiser, cg=cg)
             configs["cg"] = read_config_json(base / "cg" / "config.json")
     models = StageModels(config.stage, modules["vae"], denoiser, modules.get("text_encoder"), schedule, method,
-                         configs, categories, prompts)
+                         configs, categories, prompts, tokenizer_dir)
     trained = {k: v for k, v in params.items() if k in TRAINED[config.stage]}
     frozen = {k: v for k, v in params.items() if k not in TRAINED[config.stage]}
     return models, trained, frozen
@@ -165,8 +173,8 @@ def save_model(models: StageModels, config, params: dict, out: Path, source: str
             os.symlink(base / kind, tmp / kind, target_is_directory=True)
         else:
             model_dir.save_component(tmp, kind, models.configs[kind], jax.device_get(params[kind]))
-    if models.prompts is not None:
-        models.prompts.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    if models.tokenizer_dir is not None:
+        shutil.copytree(models.tokenizer_dir, tmp / "tokenizer")
     if "scheduler" in models.configs:
         write_json(tmp / "scheduler" / "scheduler_config.json", models.configs["scheduler"])
     if "identifiers" in trained:
