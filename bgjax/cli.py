@@ -85,6 +85,12 @@ def _generate(args: argparse.Namespace) -> int:
     return generate_command(args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from bgjax.eval.harness import eval_command
+
+    return eval_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgjax", description="E-commerce product backgrounds with JAX.")
     parser.add_argument("--version", action="version", version=f"bgjax {__version__}")
@@ -145,6 +151,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder for the images, sidecars and errors.jsonl")
     p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("eval", help="a BG1K / BG-pair split -> generated images per method variant, CLIP-sim, FID, "
+                                    "table, t-SNE",
+                       description="Generates with each variant (images cached in OUT/images: reruns skip them), "
+                                   "then writes metrics.json, table.md (the paper's Table 1 for bg1k, 2 for bgpair), "
+                                   "per_image.jsonl, tsne.png, contact sheets and errors.jsonl. Exit status 1 when "
+                                   "some records failed to generate, 2 for bad arguments.")
+    p.add_argument("--model", required=True, help="a bgjax model directory")
+    p.add_argument("--data", required=True, help="records written by `bgjax data bg60k --split bg1k|bgpair`")
+    p.add_argument("--split", required=True, choices=("bg1k", "bgpair"),
+                   help="bg1k: CLIP-sim against the original image (Table 1); bgpair: against the reference (Table 2)")
+    p.add_argument("--out", required=True, help="the folder for images, metrics and reports; reruns resume")
+    p.add_argument("--clip", help="CLIP weights from `bgjax metric-weights clip` (without: no CLIP-sim, no t-SNE)")
+    p.add_argument("--inception", help="FID Inception weights from `bgjax metric-weights inception` (without: no FID)")
+    p.add_argument("--variants", default="sd,controlnet,cg,cg_pg",
+                   help="comma-separated rows: sd, controlnet, cg, cg_pg, real (default sd,controlnet,cg,cg_pg)")
+    p.add_argument("--num", type=int, help="evaluate the first N records (default: all)")
+    p.add_argument("--images-per-item", type=int, default=1, help="images per record and variant (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="each record's noise comes from (seed, record id)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m (default), dpmpp_2m_karras, euler, ddpm")
+    p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
+    p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")
+    p.add_argument("--size", type=int, help="working resolution of the longer side (default: the model's)")
+    p.add_argument("--self-reference", action="store_true",
+                   help="bg1k: run cg_pg with each image's own background as the reference (optimistic)")
+    p.add_argument("--batch-size", type=int, help="generation: images per device batch")
+    p.add_argument("--feature-batch-size", type=int, default=32, help="metric networks: images per batch")
+    p.add_argument("--sheet-rows", type=int, default=16, help="records per contact sheet (default 16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.set_defaults(run=_eval)
 
     data = sub.add_parser("data", help="datasets -> record shards + manifest; inspect them").add_subparsers(
         dest="source", required=True)

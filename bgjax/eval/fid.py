@@ -103,3 +103,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((a + a.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def frechet_distance_of_features(x1: np.ndarray, x2: np.ndarray) -> float:
+    """`frechet_distance` of the Gaussians fitted to two feature sets (N1, D) and (N2, D) (means, unbiased
+    covariances), computed from the features themselves, in float64.
+
+    With the centred features X1, X2 and S_i = X_i^T X_i / (n_i - 1), the nonzero eigenvalues of S1 S2 are
+    those of M M^T, M = X1 X2^T / sqrt((n1 - 1)(n2 - 1)), so tr((S1 S2)^(1/2)) is M's nuclear norm: one SVD
+    of an N1 x N2 matrix instead of two D x D eigendecompositions. Cheaper while the sets are not larger
+    than D (2048 for FID), and exact where the covariances are singular (fewer samples than dims):
+    FID(x, x) is 0 to rounding, since then M = X X^T / (n - 1) and its nuclear norm is tr(S).
+    """
+    x1, x2 = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
+    if x1.ndim != 2 or x2.ndim != 2 or x1.shape[1] != x2.shape[1]:
+        raise ValueError(f"shapes do not match: {x1.shape}, {x2.shape}; expected (N1, D) and (N2, D)")
+    n1, n2 = len(x1), len(x2)
+    if min(n1, n2) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {n1} and {n2}")
+    mu1, mu2 = x1.mean(axis=0), x2.mean(axis=0)
+    c1, c2 = x1 - mu1, x2 - mu2
+    tr_covmean = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.sum(c1 * c1) / (n1 - 1) + np.sum(c2 * c2) / (n2 - 1) - 2 * tr_covmean)

@@ -11,6 +11,7 @@ converted (CLIP's text tower, Inception's classifier) are returned with the reas
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +32,7 @@ INCEPTION_CONFIG = {"model_type": "fid_inception_v3"}
 _CLIP_TEXT_TOWER = ("text_model.", "text_projection.", "logit_scale")
 
 
+@functools.lru_cache(maxsize=8)  # tracing InceptionV3 takes seconds on a CPU; modules hash by value
 def _shapes(module: nn.Module, image_size: int, channels: int = 3) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)))["params"]
 

@@ -38,7 +38,7 @@ from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser, load_denoiser
 from bgjax.method.prompts import CategoryVocabulary, Prompt, PromptBuilder, embed_with_identifiers
 from bgjax.models.configs import read_config_json
-from bgjax.models.region import Region
+from bgjax.models.region import Region, RegionMode
 from bgjax.models.text_encoder import load_tokenizer
 from bgjax.sampling.schedulers import Sampler, make_sampler
 
@@ -285,6 +285,30 @@ class BackgroundPipeline:
                   "identifiers": identifiers}
         return cls(model, Models(denoiser, text_encoder, vae), params, load_tokenizer(model / "tokenizer"),
                    read_config_json(model / "scheduler" / "scheduler_config.json"), config, categories)
+
+    def variant(self, cg: bool = True, pg: bool = True, identifiers: bool = True,
+                cg_region_mode: RegionMode | None = None,
+                unet_region_mode: RegionMode | None = None) -> BackgroundPipeline:
+        """This pipeline with parts switched off, sharing its params (nothing is reloaded): for ablations
+        and the baselines of `bgjax eval`.
+
+        - `cg=False` / `pg=False`: drop the branch (the UNet alone is plain text-to-image).
+        - `identifiers=False`: no learned identifier embeddings; the placeholder stays an ordinary token and
+          any category text is accepted (a base model's behaviour).
+        - `cg_region_mode`: rebuild CG's cross-attention, e.g. "none" for plain cross-attention (ControlNet)
+          instead of the mask-guided one, with the same weights; `unet_region_mode` the same for the UNet
+          (mask-guided only when the model's `MethodConfig.mask_guided_unet` is set).
+        """
+        d = self.models.denoiser
+        cg_module = d.cg if cg else None
+        if cg_module is not None and cg_region_mode is not None:
+            cg_module = cg_module.clone(region_mode=cg_region_mode)
+        unet = d.unet if unet_region_mode is None else d.unet.clone(region_mode=unet_region_mode)
+        denoiser = dataclasses.replace(d, unet=unet, cg=cg_module, pg=d.pg if pg else None)
+        params = {**self.params, "identifiers": self.params["identifiers"] if identifiers else None}
+        categories = self.vocabulary.names if identifiers and self.vocabulary is not None else None
+        return type(self)(self.model, dataclasses.replace(self.models, denoiser=denoiser), params,
+                          self.prompts.tokenizer, self.scheduler_config, self.config, categories)
 
     @property
     def has_cg(self) -> bool:
