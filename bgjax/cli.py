@@ -91,6 +91,18 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_command(args)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from bgjax.demo import MODEL, run_demo
+
+    summary = run_demo(Path(args.out), Path(args.model) if args.model else MODEL, args.num_images, args.steps)
+    for row in summary["results"]:
+        style = f" (reference: {row['reference_style']})" if "reference_style" in row else ""
+        print(f"{row['name']:<36} {row['category']:<13}{style} -> backgrounds look like: "
+              f"{', '.join(row['background_styles'])}")
+    print(f"{len(summary['results'])} rows in {summary['seconds']:.1f} s; contact sheet: "
+          f"{Path(args.out) / 'contact_sheet.png'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgjax", description="E-commerce product backgrounds with JAX.")
     parser.add_argument("--version", action="version", version=f"bgjax {__version__}")
@@ -110,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a bgjax model directory")
     p.add_argument("--out", required=True, help="the diffusers folder to write")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("demo", help="the bundled small model on bundled products -> contact sheet")
+    p.add_argument("--out", default="bgjax_demo", help="folder for the images and contact_sheet.png")
+    p.add_argument("--model", help="another bgjax model directory (default: the bundled one)")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(run=_demo)
 
     p = sub.add_parser("train", help="train a stage (vae, unet, cg, pg) from a config file",
                        epilog="Override any config field with --config.a.b=value.")
