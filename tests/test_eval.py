@@ -10,53 +10,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPVisionConfig as TorchCLIPVisionConfig
 from transformers import CLIPVisionModelWithProjection as TorchCLIPVision
 
-from bgjax import model_dir
 from bgjax.cli import main
-from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.data.example import encode_example
 from bgjax.data.images import encode_png
 from bgjax.data.records import TFRecordWriter
+from bgjax.demo import MODEL
 from bgjax.eval.clip_similarity import mask_products
 from bgjax.eval.clip_vision import preprocess
 from bgjax.eval.features import clip_pixels, fid_pixels
 from bgjax.eval.fid import clean_resize, frechet_distance, frechet_distance_of_features
 from bgjax.eval.harness import read_split, variant_pipeline
-from bgjax.method.config import MethodConfig
 from bgjax.sampling.pipeline import BackgroundPipeline
-from tests.conftest import save_diffusers_folder, tiny_torch_pipeline
 from tests.torch_fid_inception import FIDInceptionV3 as TorchFIDInception
 from tests.torch_fid_inception import randomize_inception
-from tests.torch_reference import CLIP_SD1_TINY, randomize
+from tests.torch_reference import randomize
 
-CATEGORIES = ["rice cooker", "lamp", "coffee mug"]
 # category -> background colour of the synthetic ads; "teapot" is unknown to the model (an error row)
-COLOURS = {"rice cooker": (200, 60, 60), "lamp": (60, 200, 60), "coffee mug": (60, 60, 200), "teapot": (90, 90, 90)}
-BG1K = [("a1", "lamp"), ("a2", "lamp"), ("a3", "rice cooker"), ("a4", "teapot"), ("a5", "coffee mug")]
-PAIRS = [("a1", "a2", "lamp"), ("a3", "a5", "rice cooker"), ("a5", "a3", "coffee mug")]
+COLOURS = {"rice cooker": (200, 60, 60), "desk lamp": (60, 200, 60), "coffee mug": (60, 60, 200),
+           "teapot": (90, 90, 90)}
+BG1K = [("a1", "desk lamp"), ("a2", "desk lamp"), ("a3", "rice cooker"), ("a4", "teapot"), ("a5", "coffee mug")]
+PAIRS = [("a1", "a2", "desk lamp"), ("a3", "a5", "rice cooker"), ("a5", "a3", "coffee mug")]
 STEPS = "2"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny model with CG and PG and per-category identifiers (as tests/test_generation.py builds it)."""
-    root = tmp_path_factory.mktemp("eval_model")
-    models = tiny_torch_pipeline(seed=3, controlnet=False)
-    models["text_encoder"] = randomize(CLIPTextModel(CLIPTextConfig(**{**CLIP_SD1_TINY, "hidden_size": 32,
-                                                                        "intermediate_size": 64})), seed=5)
-    for i, name in enumerate(("cg", "pg")):
-        models[name] = randomize(ControlNetModel.from_unet(models["unet"], conditioning_embedding_out_channels=(8, 16)),
-                                 seed=30 + i, scale=0.1)
-    save_diffusers_folder(models, root / "src")
-    import_diffusers(root / "src", root / "model")
-    table = np.random.default_rng(0).standard_normal((len(CATEGORIES), 32)).astype(np.float32)
-    model_dir.save_method(root / "model", MethodConfig(), CATEGORIES, table)
-    return root / "model"
+def model() -> Path:
+    """The bundled model (CG, PG, per-category identifiers for bgjax's synthetic categories)."""
+    return MODEL
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +146,7 @@ def test_eval_bg1k_end_to_end_and_resume(model, data, metric_weights, tmp_path, 
     (png,) = (out / "images" / "cg").glob("a1_*_0.png")
     sidecar = json.loads(png.with_suffix(".json").read_text())
     assert sidecar["variant"] == "cg" and sidecar["lambda_pg"] is None and sidecar["image_index"] == 0
-    assert sidecar["prompt"] == "A photo of lamp, in the background of *"
+    assert sidecar["prompt"] == "A photo of desk lamp, in the background of *"
 
     # The variants' pipelines share the loaded model: sd without branches or identifiers; controlnet is CG with
     # plain cross-attention.
@@ -211,7 +195,7 @@ def test_eval_bgpair_uses_references(model, data, metric_weights, tmp_path):
 
 def test_reference_lookup_by_ref_id(tmp_path):
     """Records without embedded references find them by id in the same folder; unknown ones are reported."""
-    image, cutout = _ad("a1", "lamp")
+    image, cutout = _ad("a1", "desk lamp")
     png, mask = encode_png(image), encode_png((cutout[..., 3] > 0).astype(np.uint8) * 255)
     w = TFRecordWriter(tmp_path / "pairs-00000-of-00001.tfrecord")
     for rid, ref in (("x", None), ("y__x", "x"), ("z", "missing")):
