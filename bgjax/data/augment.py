@@ -499,9 +499,12 @@ def draw_pg_params(mask: np.ndarray, rng: np.random.Generator, cfg: PGAugmentCon
             "pg_mix_spans": mix}
 
 
-def draw_pg_batch(masks: np.ndarray, rng: np.random.Generator, cfg: PGAugmentConfig) -> dict[str, np.ndarray]:
-    """`draw_pg_params` for each of a batch's (B, H, W) masks, in order, stacked: (B, ...) arrays."""
-    draws = [draw_pg_params(mask, rng, cfg) for mask in masks]
+def draw_pg_batch(masks: np.ndarray, rng: np.random.Generator | list[np.random.Generator],
+                  cfg: PGAugmentConfig) -> dict[str, np.ndarray]:
+    """`draw_pg_params` for each of a batch's (B, H, W) masks, in order, stacked: (B, ...) arrays.
+    `rng`: one generator for the whole batch, or a list with one per image."""
+    rngs = rng if isinstance(rng, list) else [rng] * len(masks)
+    draws = [draw_pg_params(mask, r, cfg) for mask, r in zip(masks, rngs, strict=True)]
     return {key: np.stack([d[key] for d in draws]) for key in draws[0]}
 
 

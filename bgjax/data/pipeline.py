@@ -73,13 +73,20 @@ def _with_position(position: int, record: bytes) -> tuple[int, bytes]:
     return position, record
 
 
+def example_rng(seed: int | None, stream: int, element: dict, rng: np.random.Generator) -> np.random.Generator:
+    """With a seed, a generator keyed by the example's stream position, so every process layout
+    draws the same augmentation for it; without one (TFRecord: no positions), grain's."""
+    return rng if seed is None else np.random.default_rng([seed, stream, int(element["example_seed"])])
+
+
 class Crop(grain.transforms.RandomMap):
     """Encoded image and mask -> the training crop (`crop_resize_encoded`)."""
 
-    def __init__(self, cfg: CropConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: CropConfig, seed: int | None = None):
+        self.cfg, self.seed = cfg, seed
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        rng = example_rng(self.seed, 0, element, rng)
         image, mask = crop_resize_encoded(element["image"], element["mask"], rng, self.cfg)
         return {**element, "image": image, "mask": (mask > 127).view(np.uint8)}
 
@@ -89,10 +96,12 @@ class PGPerturb(grain.transforms.RandomMap):
     image); the pixels are rendered on the accelerator (`bgjax.data.pg_render.pg_condition`),
     each image mixed with the next one in its batch."""
 
-    def __init__(self, cfg: PGAugmentConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: PGAugmentConfig, seed: int | None = None):
+        self.cfg, self.seed = cfg, seed
 
     def random_map(self, batch: dict, rng: np.random.Generator) -> dict:
+        if self.seed is not None:
+            rng = [example_rng(self.seed, 1, {"example_seed": s}, rng) for s in batch["example_seed"]]
         return {**batch, **draw_pg_batch(batch["mask"], rng, self.cfg)}
 
 
@@ -111,10 +120,10 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
         ds = ds.repeat(cfg.num_epochs).map_with_index(_with_position)
         ds = ds[process_index::process_count].map(Decode(prompts, encoded=crop))
         if crop:
-            ds = ds.random_map(Crop(cfg.crop))
+            ds = ds.random_map(Crop(cfg.crop, cfg.seed))
         ds = ds.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
-            ds = ds.random_map(PGPerturb(cfg.pg))
+            ds = ds.random_map(PGPerturb(cfg.pg, cfg.seed))
         it = ds.to_iter_dataset()
     else:
         files = grain.MapDataset.source(paths).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
