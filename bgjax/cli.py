@@ -96,9 +96,9 @@ def _demo(args: argparse.Namespace) -> None:
 
     summary = run_demo(Path(args.out), Path(args.model) if args.model else MODEL, args.num_images, args.steps)
     for row in summary["results"]:
-        style = f" (reference: {row['reference_style']})" if "reference_style" in row else ""
-        print(f"{row['name']:<36} {row['category']:<13}{style} -> backgrounds look like: "
-              f"{', '.join(row['background_styles'])}")
+        reference = f", reference tone {row['reference_tone']:.2f}" if "reference_tone" in row else ""
+        print(f"{row['name']:<24} backgrounds look like: {', '.join(row['background_styles'])}; "
+              f"tones {', '.join(f'{t:.2f}' for t in row['background_tones'])}{reference}")
     print(f"{len(summary['results'])} rows in {summary['seconds']:.1f} s; contact sheet: "
           f"{Path(args.out) / 'contact_sheet.png'}")
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image k of a seed is the same whatever the batch")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--style-guidance", action="store_true",
+                   help="guidance amplifies the reference's style too: its unconditional pass runs without PG")
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m (default), dpmpp_2m_karras, euler, ddpm")
     p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
     p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")

@@ -1,9 +1,13 @@
 """`bgjax demo`: the bundled small model generates backgrounds for bundled products, one per
-synthetic category, plus one product restyled after a reference, and writes a contact sheet.
+synthetic category, plus one product restyled after a dark and after a pastel reference, and
+writes a contact sheet.
 
 The bundled model (bgjax/assets/tiny_model, reproduced by tools/train_bundled_model.sh) was
-trained on bgjax's synthetic data, where each category has its own background style; the demo
-reports which style each output has (`synthetic.classify_background`).
+trained on bgjax's synthetic data, where the category sets a background's hue and pattern and
+each image has its own tone; the demo reports which category's style each output has
+(`synthetic.classify_background`) and its tone (`synthetic.background_tone`). The reference rows
+use style guidance (`BackgroundPipeline.generate`): with PG in both passes of classifier-free
+guidance, guidance 7.5 washes this small model's tone transfer out.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from bgjax.data import synthetic
 ASSETS = Path(__file__).parent / "assets"
 MODEL = ASSETS / "tiny_model"
 PRODUCTS = ASSETS / "products"
-# The reference example: a product of this category restyled after a background of that one.
-REFERENCE_EXAMPLE = ("coffee mug", "table fan")
+# The reference example: a product of this category restyled after other ads of it with these tones.
+REFERENCE_CATEGORY = "coffee mug"
+REFERENCE_TONES = {"dark": -0.9, "pastel": 0.9}
 
 
 def sample_products(out: Path = PRODUCTS, size: int = 64, seed: int = 7) -> list[Path]:
-    """Write one RGBA cut-out per category and one full reference photo + mask (how the bundled
+    """Write one RGBA cut-out per category and the reference photos + masks (how the bundled
     products were made)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -34,18 +39,21 @@ def sample_products(out: Path = PRODUCTS, size: int = 64, seed: int = 7) -> list
         path = out / f"{category.replace(' ', '_')}.png"
         synthetic.save_rgba_cutout(sample).save(path)
         paths.append(path)
-    reference = synthetic.make_sample(1, seed, size, REFERENCE_EXAMPLE[1])
-    Image.fromarray(reference.image).save(out / "reference.png")
-    Image.fromarray(reference.mask).save(out / "reference_mask.png")
+    for name, tone in REFERENCE_TONES.items():
+        reference = synthetic.make_sample(1, seed, size, REFERENCE_CATEGORY, tone=tone)
+        Image.fromarray(reference.image).save(out / f"reference_{name}.png")
+        Image.fromarray(reference.mask).save(out / f"reference_{name}_mask.png")
     return paths
 
 
 def _label(image: Image.Image, text: str) -> Image.Image:
     from PIL import ImageDraw
 
+    if image.width < 128:  # room for the label; nearest keeps the pixels honest
+        image = image.resize((128, round(image.height * 128 / image.width)), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (image.width, image.height + 14), "white")
     canvas.paste(image, (0, 14))
-    ImageDraw.Draw(canvas).text((2, 1), text[:18], fill="black")
+    ImageDraw.Draw(canvas).text((2, 1), text[:22], fill="black")
     return canvas
 
 
@@ -60,29 +68,37 @@ def run_demo(out: Path, model: Path = MODEL, num_images: int = 4, steps: int = 2
     rows, results = [], []
 
     def add_row(name: str, category: str, images: list[Image.Image], first: Image.Image, **extra) -> None:
-        styles = []
+        mask = _placed_mask(pipe, np.asarray(Image.open(_cutout(category)))[..., 3])
+        styles, tones = [], []
         for k, image in enumerate(images):
             image.save(out / f"{name}_{k}.png")
-            mask = np.asarray(Image.open(PRODUCTS / f"{category.replace(' ', '_')}.png"))[..., 3]
-            styles.append(synthetic.classify_background(np.asarray(image), _placed_mask(pipe, mask)))
-        results.append({"name": name, "category": category, "background_styles": styles, **extra})
-        rows.append([_label(first, name)] + [_label(im, s) for im, s in zip(images, styles, strict=True)])
+            styles.append(synthetic.classify_background(np.asarray(image), mask))
+            tones.append(round(synthetic.background_tone(np.asarray(image), mask), 3))
+        results.append({"name": name, "category": category, "background_styles": styles, "background_tones": tones,
+                        **extra})
+        labels = [f"{style} {tone:.2f}" for style, tone in zip(styles, tones, strict=True)]
+        rows.append([_label(first, name)] + [_label(im, text) for im, text in zip(images, labels, strict=True)])
 
     for category in synthetic.CATEGORIES:
-        product = PRODUCTS / f"{category.replace(' ', '_')}.png"
-        images = pipe(product=product, category=category, num_images=num_images, seed=seed, steps=steps)
-        add_row(category.replace(" ", "_"), category, images, Image.open(product).convert("RGB"))
-    category, style = REFERENCE_EXAMPLE
-    product = PRODUCTS / f"{category.replace(' ', '_')}.png"
-    images = pipe(product=product, category=category, reference=PRODUCTS / "reference.png",
-                  reference_mask=PRODUCTS / "reference_mask.png", num_images=num_images, seed=seed, steps=steps)
-    add_row(f"{category.replace(' ', '_')}_ref_{style.replace(' ', '_')}", category, images,
-            Image.open(PRODUCTS / "reference.png").convert("RGB"), reference_style=style)
+        images = pipe(product=_cutout(category), category=category, num_images=num_images, seed=seed, steps=steps)
+        add_row(category.replace(" ", "_"), category, images, Image.open(_cutout(category)).convert("RGB"))
+    for name in REFERENCE_TONES:
+        reference, reference_mask = PRODUCTS / f"reference_{name}.png", PRODUCTS / f"reference_{name}_mask.png"
+        images = pipe(product=_cutout(REFERENCE_CATEGORY), category=REFERENCE_CATEGORY, reference=reference,
+                      reference_mask=reference_mask, num_images=num_images, seed=seed, steps=steps,
+                      style_guidance=True)
+        tone = synthetic.background_tone(np.asarray(Image.open(reference)), np.asarray(Image.open(reference_mask)))
+        add_row(f"{REFERENCE_CATEGORY.replace(' ', '_')}_ref_{name}", REFERENCE_CATEGORY, images,
+                Image.open(reference).convert("RGB"), reference_tone=round(tone, 3))
     sheet = _grid(rows)
     sheet.save(out / "contact_sheet.png")
     summary = {"model": str(model), "seconds": time.perf_counter() - t0, "steps": steps, "results": results}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _cutout(category: str) -> Path:
+    return PRODUCTS / f"{category.replace(' ', '_')}.png"
 
 
 def _placed_mask(pipe, alpha: np.ndarray) -> np.ndarray:

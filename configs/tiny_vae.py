@@ -1,4 +1,4 @@
-"""The bundled demo model, stage 0a: a small VAE on synthetic 64 px images (see docs/bundled_model.md)."""
+"""The bundled demo model, stage 0a: a small VAE on synthetic 64 px images (tools/train_bundled_model.sh)."""
 
 from bgjax.train import presets
 from bgjax.train.defaults import default_config

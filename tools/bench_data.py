@@ -1,7 +1,7 @@
 """Loader throughput: JPEG records -> 512 px crops with PG augmentation, img/s and img/s per CPU core.
 
     python tools/bench_data.py [--num 256] [--resolution 512] [--source-scale 1.3] [--no-jpeg-draft]
-                               [--workers 0 2] [--pg on off] [--repeat 1]
+                               [--workers 0 2] [--pg on off] [--repeat 8]
 
 Writes a temporary catalogue of JPEG photos (by default 1.3x the training resolution, like
 BG60k's ~800 px images scaled to 512; larger ones exercise the reduced-scale JPEG decoding of
@@ -88,8 +88,8 @@ def main() -> None:
     p.add_argument("--source-scale", type=float, default=1.3, help="photo side / resolution")
     p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="always decode JPEGs fully")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--batches", type=int, default=40, help="timed batches per window, after 3 untimed")
-    p.add_argument("--repeat", type=int, default=1, help="timed windows per setting; the best is reported")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per window, after 3 untimed")
+    p.add_argument("--repeat", type=int, default=8, help="timed windows per setting; the best is reported")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--pg", nargs="+", choices=["on", "off"], default=["on", "off"],
                    help="with PG inputs (stage 2) and/or without (stage 1)")

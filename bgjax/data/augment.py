@@ -23,12 +23,12 @@ floats in [0, 1] are accepted too; see `binary_mask`).
 
 from __future__ import annotations
 
-import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from PIL import Image
 
 __all__ = [
     "CropConfig",
@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 _PAD_MODES = ("edge", "reflect", "symmetric")
+# The loader parallelises over images (grain workers); OpenCV's own threads would only contend with them.
+cv2.setNumThreads(1)
 
 
 def _check_probability(value: float, name: str) -> None:
@@ -193,62 +195,65 @@ def sample_crop(mask: np.ndarray, rng: np.random.Generator, cfg: CropConfig) -> 
     return _crop_square(*keep.shape, _bbox(keep), rng, cfg)
 
 
-def _take(array: np.ndarray, top: int, left: int, side: int, mode: str, **kwargs) -> np.ndarray:
-    """array[top:top + side, left:left + side], padding where the window leaves the array."""
+# OpenCV's border modes for CropConfig.pad_mode (numpy's names)
+_BORDERS = {"edge": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101, "symmetric": cv2.BORDER_REFLECT}
+# imdecode's scaled-decoding bits (without IMREAD_COLOR, which means BGR and excludes IMREAD_COLOR_RGB)
+_REDUCED = {s: getattr(cv2, f"IMREAD_REDUCED_COLOR_{s}", cv2.IMREAD_COLOR) & ~cv2.IMREAD_COLOR for s in (1, 2, 4, 8)}
+
+
+def _window(array: np.ndarray, y0: int, y1: int, x0: int, x1: int, border: int) -> np.ndarray:
+    """array[y0:y1, x0:x1], padded with `border` where the window leaves the array."""
     height, width = array.shape[:2]
-    pads = [(max(0, -top), max(0, top + side - height)), (max(0, -left), max(0, left + side - width))]
-    window = array[max(0, top):top + side, max(0, left):left + side]
-    if any(p for pair in pads for p in pair):
-        pads += [(0, 0)] * (array.ndim - 2)
-        window = np.pad(window, pads, mode=mode, **kwargs)
-    return window
+    inner = array[max(0, y0):min(y1, height), max(0, x0):min(x1, width)]
+    pads = (max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width))
+    return cv2.copyMakeBorder(inner, *pads, border, value=0) if any(pads) else inner
 
 
-# point() tables for L masks: 0/255 from >= 128 (greyscale masks, and area-resized ones at one half),
-# and from > 0 (an area-resized product that would vanish keeps every partly covered pixel)
-_HALF = [0] * 128 + [255] * 128
-_ANY = [0] + [255] * 255
+def _area_downscale(array: np.ndarray, scale: int) -> np.ndarray:
+    """Mean of each scale x scale block, ceil(H / scale) x ceil(W / scale): an exact integer-factor
+    area resize (the array padded to a multiple of the factor: OpenCV's fast path)."""
+    height, width = array.shape[:2]
+    padded = cv2.copyMakeBorder(array, 0, -height % scale, 0, -width % scale, cv2.BORDER_REPLICATE)
+    return cv2.resize(padded, (padded.shape[1] // scale, padded.shape[0] // scale), interpolation=cv2.INTER_AREA)
 
 
-def _draft_scale(image: Image.Image, side: int, resolution: int) -> int:
-    """Let a JPEG decode at 1/s scale (s in 1, 2, 4, 8) with side / s >= resolution; returns s."""
-    width, height = image.size
-    request = (math.ceil(width * resolution / side), math.ceil(height * resolution / side))
-    if image.draft("RGB", request) is None:  # not a JPEG, or decoded already
-        return 1
-    return round(width / image.size[0])  # the decoded size is ceil(width / s)
+def _reduction(side: int, resolution: int) -> int:
+    """The largest s in 1, 2, 4, 8 with side / s >= resolution: a crop of `side` is first reduced by s."""
+    scale = 1
+    while scale < 8 and side // (2 * scale) >= resolution:
+        scale *= 2
+    return scale
 
 
-def _crop_resize_pil(
-    image: Image.Image, mask: Image.Image, rng: np.random.Generator, cfg: CropConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """`crop_resize` on PIL images: `image` possibly not decoded yet (a JPEG then decodes at the
-    scale the crop needs), `mask` an L image with 0/255 values."""
-    if image.size != mask.size:
-        raise ValueError(f"mask is {mask.size} but its image is {image.size} (W, H)")
-    width, height = mask.size
-    bbox = mask.getbbox()  # (x0, y0, x1, y1) of nonzero pixels, in C
-    box = None if bbox is None else (bbox[1], bbox[3], bbox[0], bbox[2])
+def _crop_resize(mask: np.ndarray, load_image: Callable[[int], np.ndarray], rng: np.random.Generator,
+                 cfg: CropConfig) -> tuple[np.ndarray, np.ndarray]:
+    """`crop_resize` from a uint8 0/255 mask and `load_image(s)`: the image, at full size or already
+    reduced to 1/s (ceil(H / s) x ceil(W / s), a JPEG decoded at that scale).
+
+    A crop at least twice the resolution is first reduced by s in 2, 4, 8 (area means of s x s
+    blocks, or libjpeg's DCT scaling), so the bilinear resize that follows shrinks by less than 2x
+    and reads every pixel. Image and mask are cropped on the same pixel grid, the crop's edges
+    rounded outwards to it, and resized by the same map, so they stay aligned."""
+    height, width = mask.shape
+    x, y, w, h = cv2.boundingRect(mask)
+    box = (y, y + h, x, x + w) if w else None
     top, left, side = _crop_square(height, width, box, rng, cfg)
+    scale = _reduction(side, cfg.resolution)
+    image, coverage = load_image(scale), mask
+    if scale > 1:
+        coverage = _area_downscale(mask, scale)
+        image = _area_downscale(image, scale) if image.shape[:2] == mask.shape else image
+    y0, x0 = top // scale, left // scale
+    y1, x1 = -(-(top + side) // scale), -(-(left + side) // scale)
     size = (cfg.resolution, cfg.resolution)
-    if top >= 0 and left >= 0 and top + side <= height and left + side <= width:
-        # Inside the image: PIL resamples straight from the crop box, no copy of the crop.
-        crop_box = (left, top, left + side, top + side)
-        scale = _draft_scale(image, side, cfg.resolution) if cfg.jpeg_draft else 1
-        out = image.convert("RGB") if image.mode != "RGB" else image
-        out = out.resize(size, Image.Resampling.BILINEAR, box=tuple(v / scale for v in crop_box))
-        area = mask.resize(size, Image.Resampling.BOX, box=crop_box)
-    else:
-        crop = np.ascontiguousarray(_take(np.asarray(image.convert("RGB")), top, left, side, cfg.pad_mode))
-        out = Image.fromarray(crop, "RGB").resize(size, Image.Resampling.BILINEAR)
-        crop_mask = np.ascontiguousarray(_take(np.asarray(mask), top, left, side, "constant", constant_values=0))
-        area = Image.fromarray(crop_mask, "L").resize(size, Image.Resampling.BOX)
-    out_mask = area.point(_HALF)
-    if box is not None and out_mask.getbbox() is None:  # the crop holds the whole product
-        out_mask = area.point(_ANY)
+    out = cv2.resize(_window(image, y0, y1, x0, x1, _BORDERS[cfg.pad_mode]), size, interpolation=cv2.INTER_LINEAR)
+    area = cv2.resize(_window(coverage, y0, y1, x0, x1, cv2.BORDER_CONSTANT), size, interpolation=cv2.INTER_LINEAR)
+    out_mask = cv2.threshold(area, 127, 255, cv2.THRESH_BINARY)[1]
+    if box is not None and not cv2.countNonZero(out_mask):  # a product under half a pixel keeps every touched one
+        out_mask = cv2.threshold(area, 0, 255, cv2.THRESH_BINARY)[1]
     if rng.random() < cfg.flip_probability:
-        out, out_mask = (im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in (out, out_mask))
-    return np.asarray(out), np.asarray(out_mask)
+        out, out_mask = cv2.flip(out, 1), cv2.flip(out_mask, 1)
+    return out, out_mask
 
 
 def crop_resize(
@@ -256,16 +261,16 @@ def crop_resize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random square crop keeping the whole product, resized to cfg.resolution, random h-flip.
 
-    Returns ((R, R, 3) uint8 image, (R, R) uint8 0/255 mask). The image is resized with PIL's
-    bilinear filter (antialiased when shrinking; bicubic measured 2.7x slower in the loader), the
-    mask by area averaging thresholded at one half (so it stays binary; a product that would
-    vanish keeps every partly covered pixel).
+    Returns ((R, R, 3) uint8 image, (R, R) uint8 0/255 mask). A crop at least twice the resolution
+    is first reduced by an integer factor (block means), then image and mask are resized bilinearly
+    (OpenCV: 3x to 4x faster than PIL's antialiased filter), shrinking by less than 2x, so every
+    pixel counts. The mask's resize is thresholded at one half, so it stays binary, and a product
+    that would vanish keeps every pixel it touches.
     """
     image = _check_image(image)
     keep = binary_mask(mask)
     _check_pair(image, keep)
-    return _crop_resize_pil(Image.fromarray(image, "RGB"), Image.fromarray(keep.view(np.uint8) * np.uint8(255), "L"),
-                            rng, cfg)
+    return _crop_resize(keep.view(np.uint8) * np.uint8(255), lambda _: image, rng, cfg)
 
 
 def crop_resize_encoded(
@@ -273,11 +278,24 @@ def crop_resize_encoded(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`crop_resize` from encoded bytes (JPEG / PNG image, greyscale mask image: > 127 is product).
 
-    Decodes in PIL straight into the crop's resize, without numpy copies in between; a JPEG decodes
-    at a reduced DCT scale when the crop allows (`CropConfig.jpeg_draft`)."""
-    mask_image = Image.open(io.BytesIO(mask))
-    mask_image = (mask_image if mask_image.mode == "L" else mask_image.convert("L")).point(_HALF)
-    return _crop_resize_pil(Image.open(io.BytesIO(image)), mask_image, rng, cfg)
+    A JPEG decodes at a reduced DCT scale when the crop allows (`CropConfig.jpeg_draft`)."""
+    coverage = cv2.imdecode(np.frombuffer(mask, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if coverage is None:
+        raise ValueError("mask: not a decodable image")
+    coverage = cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)[1]
+    encoded = np.frombuffer(image, np.uint8)
+    draft = cfg.jpeg_draft and image[:2] == b"\xff\xd8"
+
+    def load(scale: int) -> np.ndarray:
+        scale = scale if draft else 1
+        decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR_RGB | _REDUCED[scale])
+        if decoded is None:
+            raise ValueError("image: not a decodable image")
+        if decoded.shape[:2] != tuple(-(-n // scale) for n in coverage.shape):
+            raise ValueError(f"mask is {coverage.shape} but its image is {decoded.shape[:2]} (H, W) at 1/{scale}")
+        return decoded
+
+    return _crop_resize(coverage, load, rng, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,8 +94,10 @@ def load_mask(source: Path | bytes | Image.Image, image_shape: tuple[int, int], 
 
 
 def encode_png(array: np.ndarray) -> bytes:
+    """Lossless; zlib level 1 decodes 1.5x faster in the loader than the default 6 (a 665 px mask:
+    0.7 vs 1.06 ms) for files about twice as large, still small next to a photo's JPEG."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -1,9 +1,13 @@
-"""Synthetic ad images: procedural products on backgrounds whose style is set by the category.
+"""Synthetic ad images: procedural products on backgrounds with a category style and a personal tone.
 
-Used by the tests and to train the bundled demo model. Each category has a background style a
-tiny model can learn and a simple statistic can recognise (colour, gradient direction, stripes)
-and a product shape family; products are drawn without anti-aliasing, so their masks are exact.
-Deterministic per (index, seed, size, category).
+Used by the tests and to train the bundled demo model. Like the paper's data, a background has
+what its category shares and what is particular to the shop:
+- the category fixes the hue and the pattern (gradient direction, stripes, tiles, ...), which a
+  tiny model can learn and a simple statistic can recognise (`classify_background`);
+- each image has its own tone, from dark to pastel, which the prompt does not tell: only a
+  reference shows it, so it is what PG learns to carry over (`background_tone` measures it).
+Products come in a shape family per category and are drawn without anti-aliasing, so their masks
+are exact. Deterministic per (index, seed, size, category, tone).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ MIN_SIZE = 32
 COVERAGE = (0.10, 0.45)  # fraction of the image the product covers, always within this range
 _MARGIN = 2  # pixels kept free on every side so the product never touches the border
 _CENTROID_SAMPLES, _CENTROID_SEED = 180, 12345
+# tone -1 darkens the background to this fraction of its brightness; +1 moves it this far to white
+_DARKEN, _LIGHTEN = 0.6, 0.5
 
 # Background style per category (same order as CATEGORIES): base colour and pattern kind.
 _STYLES: tuple[tuple[tuple[int, int, int], str], ...] = (
@@ -72,7 +78,7 @@ class SyntheticSample:
     background: np.ndarray  # (H, W, 3) uint8, before the product was placed
 
 
-def _background(style: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def _background(style: int, size: int, tone: float, rng: np.random.Generator) -> np.ndarray:
     base_rgb, kind = _STYLES[style]
     base = np.asarray(base_rgb, np.float64) + rng.uniform(-12, 12, 3)
     yy, xx = (np.mgrid[:size, :size] + 0.5) / size
@@ -92,7 +98,9 @@ def _background(style: int, size: int, rng: np.random.Generator) -> np.ndarray:
         shade = 0.8 + 0.2 * ((np.floor(yy * n + phase) + np.floor(xx * n + phase)) % 2)
     else:  # diagonal stripes
         shade = 0.78 + 0.22 * np.sign(np.sin(2 * np.pi * ((xx + yy) * 5 * jitter + phase)))
-    return np.clip(base * shade[..., None], 0, 255).astype(np.uint8)
+    colour = base * shade[..., None]
+    colour = colour * (1 + _DARKEN * tone) if tone < 0 else colour + (255 - colour) * _LIGHTEN * tone
+    return np.clip(colour, 0, 255).astype(np.uint8)
 
 
 def _draw_parts(family: int, box: tuple[int, int, int, int], size: int) -> np.ndarray:
@@ -181,8 +189,10 @@ def _texture(size: int, box: tuple[int, int, int, int], rng: np.random.Generator
     return shade * pattern
 
 
-def make_sample(index: int, seed: int = 0, size: int = 128, category: str | None = None) -> SyntheticSample:
-    """One ad image; category defaults to CATEGORIES[index % len(CATEGORIES)]."""
+def make_sample(index: int, seed: int = 0, size: int = 128, category: str | None = None,
+                tone: float | None = None) -> SyntheticSample:
+    """One ad image; category defaults to CATEGORIES[index % len(CATEGORIES)], the background's
+    tone in [-1 (dark), 1 (pastel)] to a uniform draw."""
     category = category or CATEGORIES[index % len(CATEGORIES)]
     if category not in CATEGORIES:
         raise ValueError(f"unknown synthetic category {category!r}; they are: {', '.join(CATEGORIES)}")
@@ -190,7 +200,10 @@ def make_sample(index: int, seed: int = 0, size: int = 128, category: str | None
         raise ValueError(f"synthetic samples need size >= {MIN_SIZE}, got {size}")
     cat = CATEGORIES.index(category)
     rng = np.random.default_rng([seed, index, size, cat])
-    background = _background(cat, size, rng)
+    drawn = rng.uniform(-1, 1)
+    if tone is not None and not -1 <= tone <= 1:
+        raise ValueError(f"tone must lie in [-1, 1], got {tone}")
+    background = _background(cat, size, drawn if tone is None else tone, rng)
     labels = _place(cat, size, rng)
     ys, xs = np.nonzero(labels)
     box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
@@ -213,17 +226,31 @@ def save_rgba_cutout(sample: SyntheticSample) -> Image.Image:
     return Image.fromarray(rgba.astype(np.uint8), "RGBA")
 
 
-def background_style_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Style statistics of the background pixels (mask == 0), independent of image size.
-
-    [mean R, G, B (0-1), log gradient energy, vertical-vs-horizontal gradient balance,
-    diagonal-vs-antidiagonal balance, centre-minus-edge brightness, dominant frequency (cycles / image / 10)].
-    """
+def _background_pixels(image: np.ndarray, mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     img = np.asarray(image, np.float64)[..., :3] / 255.0
     bg = np.asarray(mask) < 128
     if not bg.any():
-        raise ValueError("background_style_features: the mask covers the whole image")
-    grey = img.mean(-1)
+        raise ValueError(f"{what}: the mask covers the whole image")
+    return img, bg
+
+
+def background_tone(image: np.ndarray, mask: np.ndarray) -> float:
+    """Mean brightness (0-1) of the background pixels (mask == 0): what a synthetic tone sets."""
+    img, bg = _background_pixels(image, mask, "background_tone")
+    return float(img[bg].mean())
+
+
+def background_style_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Category style statistics of the background pixels (mask == 0), independent of image size
+    and of the tone (brightness is divided out).
+
+    [chromaticity R, G, B (mean colour / its sum), log relative gradient energy, vertical-vs-horizontal
+    gradient balance, diagonal-vs-antidiagonal balance, relative centre-minus-edge brightness,
+    dominant frequency (cycles / image / 10)].
+    """
+    img, bg = _background_pixels(image, mask, "background_style_features")
+    mean_rgb = img[bg].mean(0)
+    grey = img.mean(-1) / max(float(mean_rgb.mean()), 1e-3)
     size = float(np.sqrt(grey.size))
 
     def energy(a: np.ndarray, b: np.ndarray, ok: np.ndarray) -> float:
@@ -244,8 +271,8 @@ def background_style_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray
     spectrum[0, 0] = 0.0
     ky, kx = np.unravel_index(int(np.argmax(spectrum)), spectrum.shape)
     freq = np.hypot(min(ky, h - ky), min(kx, w - kx))
-    return np.array([*img[bg].mean(0), np.log(dy + dx + 1e-3), (dy - dx) / (dy + dx + 1e-6),
-                     (dd - da) / (dd + da + 1e-6), contrast, freq / 10.0], np.float32)
+    return np.array([*mean_rgb / max(float(mean_rgb.sum()), 1e-3), np.log(dy + dx + 1e-3),
+                     (dy - dx) / (dy + dx + 1e-6), (dd - da) / (dd + da + 1e-6), contrast, freq / 10.0], np.float32)
 
 
 @functools.lru_cache(maxsize=8)

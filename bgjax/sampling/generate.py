@@ -148,7 +148,7 @@ class _Run:
         else:
             a = self.args
             images = self.pipe.generate(prepared, item.num_images, item.seed, a.steps, a.guidance, a.lambda_cg,
-                                        a.lambda_pg, a.sampler, a.batch_size)
+                                        a.lambda_pg, a.sampler, a.batch_size, a.style_guidance)
             self.write(item, prepared, images, outputs)
             self.items, self.images = self.items + 1, self.images + len(images)
         if self.args.contact_sheet:
@@ -163,7 +163,8 @@ class _Run:
         info = {
             "prompt": prepared.prompt.text, "category": prepared.category, "seed": item.seed,
             "num_images": item.num_images, "model": str(Path(a.model).resolve()), "sampler": a.sampler,
-            "steps": a.steps, "guidance": a.guidance, "lambda_cg": lambda_cg, "lambda_pg": lambda_pg,
+            "steps": a.steps, "guidance": a.guidance, "style_guidance": a.style_guidance, "lambda_cg": lambda_cg,
+            "lambda_pg": lambda_pg,
             "dtype": a.dtype, "size": list(images[0].size), "placement": prepared.placement,
             **{k: None if item.path(k) is None else str(item.path(k)) for k in _PATH_FIELDS},
             "bgjax_version": __version__,

@@ -121,8 +121,9 @@ def _encode_prompts(models: Models, params: dict, prompts: dict) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("models", "sampler"))
 def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: jax.Array, indices: jax.Array,
             mask: jax.Array, cg_cond: jax.Array | None, pg_cond: jax.Array | None, guidance: jax.Array,
-            lambda_cg: jax.Array, lambda_pg: jax.Array) -> jax.Array:
-    """uint8 images (B, h, w, 3) for the images `indices` (B,) of `seed`; conditions are (B, h, w, ...)."""
+            lambda_cg: jax.Array, lambda_pg: jax.Array, lambda_pg_uncond: jax.Array) -> jax.Array:
+    """uint8 images (B, h, w, 3) for the images `indices` (B,) of `seed`; conditions are (B, h, w, ...).
+    PG's residuals are scaled by `lambda_pg` in the conditional pass, by `lambda_pg_uncond` in the other."""
     _TRACES["sample"] += 1  # runs only while tracing
     vae_cfg, factor = models.vae.config, _vae_factor(models.vae)
     batch, height, width = mask.shape
@@ -132,7 +133,8 @@ def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed:
     x = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys) * sampler.init_noise_sigma
 
     # Each image's conditional and unconditional rows sit next to each other ((B, 2, ...) -> (2B, ...)),
-    # so the doubled batch stays on the image's device. The unconditional pass keeps the branch conditions.
+    # so the doubled batch stays on the image's device. The unconditional pass keeps the branch conditions
+    # (PG's at lambda_pg_uncond: 0 with style guidance).
     def pair(a: jax.Array) -> jax.Array:
         return jnp.stack([a, a], axis=1).reshape(2 * batch, *a.shape[1:])
 
@@ -143,11 +145,12 @@ def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed:
     region = Region(pair(mask), pair_prompts(prompts["fg_tokens"]), pair_prompts(prompts["bg_tokens"]))
     cg2 = None if cg_cond is None else pair(cg_cond)
     pg2 = None if pg_cond is None else pair(pg_cond)
+    pg_scales = pair_prompts(jnp.stack([lambda_pg, lambda_pg_uncond])).reshape(2 * batch, 1, 1, 1)
 
     def step(carry, i):
         x, state = carry
         out = models.denoiser(params["denoiser"], pair(sampler.scale_model_input(x, i)), sampler.timestep(i), context,
-                              region, cg2, pg2, lambda_cg, lambda_pg).reshape(batch, 2, *x.shape[1:])
+                              region, cg2, pg2, lambda_cg, pg_scales).reshape(batch, 2, *x.shape[1:])
         eps = out[:, 1] + guidance * (out[:, 0] - out[:, 1])
         noise = None
         if sampler.name == "ddpm":
@@ -414,9 +417,15 @@ class BackgroundPipeline:
 
     def generate(self, prepared: Prepared, num_images: int = 4, seed: int = 0, steps: int = 25,
                  guidance: float = 7.5, lambda_cg: float | None = None, lambda_pg: float | None = None,
-                 sampler: str = "dpmpp_2m", batch_size: int | None = None) -> list[Image.Image]:
+                 sampler: str = "dpmpp_2m", batch_size: int | None = None,
+                 style_guidance: bool = False) -> list[Image.Image]:
         """Images 0 .. num_images - 1 of `seed` for prepared inputs. Image k is the same whatever
-        `num_images`, `batch_size` and the device count (up to float rounding)."""
+        `num_images`, `batch_size` and the device count (up to float rounding).
+
+        `style_guidance`: the unconditional pass of classifier-free guidance runs without PG, so
+        `guidance` amplifies the reference's style along with the prompt. By default (DESIGN.md)
+        that pass keeps PG too, and a strong guidance can wash a small model's style transfer out
+        (the bundled model: the tone of a reference carries over only with it)."""
         for value, what, low in ((num_images, "num_images", 1), (seed, "seed", 0), (steps, "steps", 1)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise ValueError(f"{what}: expected an int >= {low}, got {value!r}")
@@ -432,7 +441,8 @@ class BackgroundPipeline:
                    for k in ("input_ids", "fg_tokens", "bg_tokens")}
         prompts["identifier_index"] = np.array([prepared.prompt.identifier_index, -1], np.int32)
         prompts["identifier_rows"] = np.array([prepared.identifier_row, 0], np.int32)
-        scalars = [np.float32(v or 0.0) for v in (guidance, cg_scale, pg_scale)]
+        pg_uncond = 0.0 if style_guidance else pg_scale
+        scalars = [np.float32(v or 0.0) for v in (guidance, cg_scale, pg_scale, pg_uncond)]
 
         devices, batched = self.mesh.size, NamedSharding(self.mesh, P("data"))
         images = []
@@ -458,8 +468,10 @@ class BackgroundPipeline:
                  num_images: int = 4, seed: int = 0, steps: int = 25, guidance: float = 7.5,
                  lambda_cg: float | None = None, lambda_pg: float | None = None, sampler: str = "dpmpp_2m",
                  size: int | None = None, placement: Sequence[float] = DEFAULT_PLACEMENT,
-                 feather: int | None = None, batch_size: int | None = None) -> list[Image.Image]:
+                 feather: int | None = None, batch_size: int | None = None,
+                 style_guidance: bool = False) -> list[Image.Image]:
         """`num_images` PIL images of the product on generated backgrounds; see `prepare` for the inputs
         and `generate` for the sampling arguments."""
         prepared = self.prepare(product, mask, category, reference, reference_mask, size, placement, feather)
-        return self.generate(prepared, num_images, seed, steps, guidance, lambda_cg, lambda_pg, sampler, batch_size)
+        return self.generate(prepared, num_images, seed, steps, guidance, lambda_cg, lambda_pg, sampler, batch_size,
+                             style_guidance)
