@@ -175,6 +175,17 @@ def test_reference_changes_the_output(pipe, photo):
     np.testing.assert_array_equal(a.pg_cond, b.pg_cond)
 
 
+def test_style_guidance_drops_pg_from_the_unconditional_pass_only(pipe, photo):
+    """With a reference, style guidance changes the images; at guidance 1 (the conditional pass
+    alone) it changes nothing, and without a reference it is a no-op (bit-equal)."""
+    kwargs = dict(num_images=1, seed=0, steps=STEPS)
+    ref = dict(reference=photo["reference"], reference_mask=photo["reference_mask"])
+    run = lambda **kw: _arrays(pipe(photo["image"], photo["mask"], "lamp", **kwargs, **kw))  # noqa: E731
+    assert np.abs(run(**ref, style_guidance=True).astype(int) - run(**ref)).mean() > 1
+    np.testing.assert_allclose(run(**ref, guidance=1.0, style_guidance=True), run(**ref, guidance=1.0), atol=1)
+    np.testing.assert_array_equal(run(style_guidance=True), run())
+
+
 def test_bad_inputs_name_the_problem(pipe, photo, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
