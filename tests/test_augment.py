@@ -4,6 +4,7 @@ the same perturbations rendered in JAX, bit-identical to the numpy reference."""
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -495,6 +496,23 @@ def test_resize_does_not_alias_when_shrinking_2x_or_more():
         want = Image.fromarray(image).resize((cfg.resolution,) * 2, Image.Resampling.BILINEAR,
                                              box=(left, top, left + side, top + side))
         assert np.abs(out.astype(np.int16) - np.asarray(want, np.int16)).mean() <= 4.5, (trial, side)
+
+
+def test_encoded_crop_takes_pixels_as_stored_ignoring_exif_orientation():
+    """Records hold upright pixels (the converters apply EXIF orientation): a stray orientation tag
+    must not rotate the image away from its mask (PIL's raw decode is the reference)."""
+    rng = np.random.default_rng(20)
+    image, mask = photo(rng, 60, 80), random_product(rng, 60, 80)
+    tagged = Image.fromarray(image)
+    exif = tagged.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    tagged.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    cfg = CropConfig(resolution=32)
+    got = crop_resize_encoded(buf.getvalue(), encode_png(mask), np.random.default_rng(0), cfg)
+    want = crop_resize(decode_rgb(buf.getvalue()), mask, np.random.default_rng(0), cfg)
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_configs_validate():

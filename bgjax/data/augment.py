@@ -279,7 +279,8 @@ def crop_resize_encoded(
     """`crop_resize` from encoded bytes (JPEG / PNG image, greyscale mask image: > 127 is product).
 
     A JPEG decodes at a reduced DCT scale when the crop allows (`CropConfig.jpeg_draft`)."""
-    coverage = cv2.imdecode(np.frombuffer(mask, np.uint8), cv2.IMREAD_GRAYSCALE)
+    # records hold upright pixels (the converters apply EXIF orientation): decode them as stored, like PIL
+    coverage = cv2.imdecode(np.frombuffer(mask, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if coverage is None:
         raise ValueError("mask: not a decodable image")
     coverage = cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)[1]
@@ -288,7 +289,7 @@ def crop_resize_encoded(
 
     def load(scale: int) -> np.ndarray:
         scale = scale if draft else 1
-        decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR_RGB | _REDUCED[scale])
+        decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION | _REDUCED[scale])
         if decoded is None:
             raise ValueError("image: not a decodable image")
         if decoded.shape[:2] != tuple(-(-n // scale) for n in coverage.shape):
