@@ -103,11 +103,9 @@ def _check_pair(image: np.ndarray, mask: np.ndarray) -> None:
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1) with exclusive ends, or None for an empty mask."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    """(y0, y1, x0, x1) with exclusive ends of a bool or uint8 mask's nonzero pixels, or None if empty."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    return (y, y + h, x, x + w) if w else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,8 +233,7 @@ def _crop_resize(mask: np.ndarray, load_image: Callable[[int], np.ndarray], rng:
     and reads every pixel. Image and mask are cropped on the same pixel grid, the crop's edges
     rounded outwards to it, and resized by the same map, so they stay aligned."""
     height, width = mask.shape
-    x, y, w, h = cv2.boundingRect(mask)
-    box = (y, y + h, x, x + w) if w else None
+    box = _bbox(mask)
     top, left, side = _crop_square(height, width, box, rng, cfg)
     scale = _reduction(side, cfg.resolution)
     image, coverage = load_image(scale), mask
