@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from bgjax import __version__
+from bgjax.data.bg60k import ALPHA_THRESHOLD, MIN_MATCH
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -29,12 +30,22 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote diffusers folder with {', '.join(kinds)} to {args.out}")
 
 
-def _data(args: argparse.Namespace) -> None:
-    from bgjax.data import sources
+def _data(args: argparse.Namespace) -> int | None:
+    from bgjax.data import bg60k, sources
     from bgjax.data.convert import write_dataset
 
     if args.source == "bg60k":
-        listing, split = sources.list_bg60k(Path(args.root), args.split), args.split
+        listings, split = bg60k.list_all(Path(args.root), args.alpha_threshold), args.split
+        if split not in listings:
+            raise FileNotFoundError(f"{Path(args.root) / bg60k.LIST_FILES[split]}: not found (is {args.root} the "
+                                    f"folder the BG60k release unpacks to?)")
+        print(bg60k.describe(Path(args.root), listings))
+        listing = listings[split]
+        try:
+            bg60k.check_match(split, listing, args.min_match)
+        except LookupError as e:
+            print(f"bgjax data bg60k: error: {e}", file=sys.stderr)
+            return 2
     elif args.source == "folder":
         listing = sources.list_folder(Path(args.images), Path(args.categories), args.masks and Path(args.masks))
         split = "folder"
@@ -42,7 +53,8 @@ def _data(args: argparse.Namespace) -> None:
         listing, split = sources.list_synthetic(args.num, args.seed, args.size), "synthetic"
     m = write_dataset(listing, Path(args.out), args.format, split, args.records_per_shard, args.workers)
     print(f"{m['num_written']} of {m['num_inputs']} inputs written to {len(m['shards'])} shards in {args.out}; "
-          f"{len(m['rejected'])} rejected (reasons in {Path(args.out) / 'manifest.json'})")
+          f"{len(m['rejected'])} rejected, {len(m['unmatched'])} files unmatched (reasons in "
+          f"{Path(args.out) / 'manifest.json'})")
 
 
 def _data_inspect(args: argparse.Namespace) -> None:
@@ -215,9 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=None, help="writer processes (default: one per core)")
         p.set_defaults(run=_data)
 
-    p = data.add_parser("bg60k", help="the BG60k release (info files, *_imgs_*/, *_masks_*/)")
-    p.add_argument("--root", required=True)
-    p.add_argument("--split", choices=("bg60k", "bg1k", "bgpair"), default="bg60k")
+    p = data.add_parser("bg60k", help="the BG60k release (bg60k_info.txt, bg60k_imgs_i/, bg60k_masks_i/, bg1k_*, "
+                                      "bgpair_info.txt)",
+                        description="Prints the folders and list files it found and how many lines matched an image "
+                                    "and a mask (161.png <-> 161_mask.png), then writes the split's records; stops "
+                                    "without writing anything when fewer than --min-match of the lines matched.")
+    p.add_argument("--root", required=True, help="the folder the BG60k release unpacks to")
+    p.add_argument("--split", choices=("bg60k", "bg1k", "bgpair"), default="bg60k",
+                   help="which list file to convert (default bg60k)")
+    p.add_argument("--alpha-threshold", type=int, default=ALPHA_THRESHOLD,
+                   help=f"mask pixels whose alpha (or grey value) is above this are product (default "
+                        f"{ALPHA_THRESHOLD}, as the release's users read its RGBA masks)")
+    p.add_argument("--min-match", type=float, default=MIN_MATCH,
+                   help=f"stop, writing nothing, when fewer than this share of the list's lines match their files "
+                        f"(default {MIN_MATCH})")
     common(p)
     p = data.add_parser("folder", help="a catalogue: images, masks (or RGBA cut-outs), a CSV/JSONL of categories")
     p.add_argument("--images", required=True)

@@ -32,8 +32,8 @@ from tests.torch_reference import randomize
 # category -> background colour of the synthetic ads; "teapot" is unknown to the model (an error row)
 COLOURS = {"rice cooker": (200, 60, 60), "desk lamp": (60, 200, 60), "coffee mug": (60, 60, 200),
            "teapot": (90, 90, 90)}
-BG1K = [("a1", "desk lamp"), ("a2", "desk lamp"), ("a3", "rice cooker"), ("a4", "teapot"), ("a5", "coffee mug")]
-PAIRS = [("a1", "a2", "desk lamp"), ("a3", "a5", "rice cooker"), ("a5", "a3", "coffee mug")]
+BG1K = [("1", "desk lamp"), ("2", "desk lamp"), ("3", "rice cooker"), ("4", "teapot"), ("5", "coffee mug")]
+PAIRS = [("1", "2", "desk lamp"), ("3", "5", "rice cooker"), ("5", "3", "coffee mug")]
 STEPS = "2"
 
 
@@ -59,7 +59,7 @@ def metric_weights(tmp_path_factory) -> dict[str, Path]:
 
 def _ad(name: str, category: str) -> tuple[np.ndarray, np.ndarray]:
     """A 48 x 48 ad: a category-coloured background with texture, a product rectangle, its RGBA cut-out."""
-    rng = np.random.default_rng(int(name[1:]))
+    rng = np.random.default_rng(int(name))
     image = np.clip(np.asarray(COLOURS[category]) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
     image[14:34, 16:32] = rng.integers(0, 256, 3)
     cutout = np.zeros((48, 48, 4), np.uint8)
@@ -69,23 +69,26 @@ def _ad(name: str, category: str) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    """A BG60k-layout folder (info files, *_imgs_0/, *_masks_0/ RGBA cut-outs) converted by `bgjax data bg60k`."""
+    """A folder laid out like the BG60k release (bg1k_imgs/1.png, bg1k_masks/1_mask.png RGBA cut-outs, tab-separated
+    bg1k_info.txt and bgpair_info.txt) converted by `bgjax data bg60k`."""
     root = tmp_path_factory.mktemp("bg60k")
-    (root / "bg1k_imgs_0").mkdir()
-    (root / "bg1k_masks_0").mkdir()
+    (root / "bg1k_imgs").mkdir()
+    (root / "bg1k_masks").mkdir()
     categories = dict(BG1K)
     for name, category in BG1K:
         image, cutout = _ad(name, category)
-        Image.fromarray(image).save(root / "bg1k_imgs_0" / f"{name}.jpg", quality=95)
-        Image.fromarray(cutout).save(root / "bg1k_masks_0" / f"{name}.png")
-    (root / "bg1k_info.txt").write_text("".join(f"{n}.jpg {c}\n" for n, c in BG1K))
-    (root / "bgpair_info.txt").write_text("".join(f"{a}.jpg\t{b}.jpg\t{c}\n" for a, b, c in PAIRS))
+        Image.fromarray(image).save(root / "bg1k_imgs" / f"{name}.png")
+        Image.fromarray(cutout).save(root / "bg1k_masks" / f"{name}_mask.png")
+    (root / "bg1k_info.txt").write_text("".join(f"{n}.png\t{c}\n" for n, c in BG1K))
+    (root / "bgpair_info.txt").write_text("".join(f"{a}.png\t{b}.png\t{c}\n" for a, b, c in PAIRS))
     assert all(categories[a] == c for a, _, c in PAIRS)
     out = {}
     for split in ("bg1k", "bgpair"):
         out[split] = root / f"records_{split}"
         assert main(["data", "bg60k", "--root", str(root), "--split", split, "--out", str(out[split]),
                      "--workers", "1"]) == 0
+        manifest = json.loads((out[split] / "manifest.json").read_text())
+        assert manifest["num_written"] == len(BG1K if split == "bg1k" else PAIRS), manifest["rejected"]
     return out
 
 
@@ -116,7 +119,7 @@ def test_eval_bg1k_end_to_end_and_resume(model, data, metric_weights, tmp_path, 
     printed = capsys.readouterr().out
     assert len(calls) == 5 + 4
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
-    assert [(e["variant"], e["id"]) for e in errors] == [("cg", "a4")]
+    assert [(e["variant"], e["id"]) for e in errors] == [("cg", "4")]
     assert "unknown category 'teapot'" in errors[0]["reason"]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -143,7 +146,7 @@ def test_eval_bg1k_end_to_end_and_resume(model, data, metric_weights, tmp_path, 
     tsne = json.loads((out / "tsne.json").read_text())
     assert len(tsne["CG (ours)"]["x"]) == 4 and len(tsne["real images"]["x"]) == 5
     assert Image.open(out / "contact_sheet_cg.png").size == (2 * 128, 4 * (128 + 18))  # real, generated
-    (png,) = (out / "images" / "cg").glob("a1_*_0.png")
+    (png,) = (out / "images" / "cg").glob("1_*_0.png")
     sidecar = json.loads(png.with_suffix(".json").read_text())
     assert sidecar["variant"] == "cg" and sidecar["lambda_pg"] is None and sidecar["image_index"] == 0
     assert sidecar["prompt"] == "A photo of desk lamp, in the background of *"
@@ -188,14 +191,14 @@ def test_eval_bgpair_uses_references(model, data, metric_weights, tmp_path):
     assert table.startswith("# Table 2: BG-pair (3 products")
     assert "| CG + PG (ours) | " in table and "vs the reference image" in table
     sidecars = [json.loads(p.read_text()) for p in sorted((out / "images" / "cg_pg").glob("*.json"))]
-    assert sorted(s["reference_id"] for s in sidecars) == ["a2", "a3", "a5"]
+    assert sorted(s["reference_id"] for s in sidecars) == ["2", "3", "5"]
     assert all(s["lambda_pg"] == 1.0 for s in sidecars)
     assert Image.open(out / "contact_sheet_cg_pg.png").size == (3 * 128, 3 * (128 + 18))  # real, reference, image
 
 
 def test_reference_lookup_by_ref_id(tmp_path):
     """Records without embedded references find them by id in the same folder; unknown ones are reported."""
-    image, cutout = _ad("a1", "desk lamp")
+    image, cutout = _ad("1", "desk lamp")
     png, mask = encode_png(image), encode_png((cutout[..., 3] > 0).astype(np.uint8) * 255)
     w = TFRecordWriter(tmp_path / "pairs-00000-of-00001.tfrecord")
     for rid, ref in (("x", None), ("y__x", "x"), ("z", "missing")):

@@ -37,14 +37,14 @@ def _image_bytes(path: Path, array) -> bytes:
         return encode_jpeg(array) if img.format == "JPEG" else encode_png(array)
 
 
-def _load_pair(image: Path, mask: Path | None, what: str) -> tuple[bytes, bytes, tuple[int, int]]:
+def _load_pair(image: Path, mask: Path | None, what: str, threshold: int) -> tuple[bytes, bytes, tuple[int, int]]:
     array, pil = load_image(image, f"{what} {image.name}")
     if mask is None:
         if "A" not in pil.getbands():
             raise Rejected(f"{what} {image.name}: no mask file and no alpha channel")
-        mask_array = load_mask(image, array.shape[:2], f"{what} {image.name} (alpha)")
+        mask_array = load_mask(image, array.shape[:2], f"{what} {image.name} (alpha)", threshold)
     else:
-        mask_array = load_mask(mask, array.shape[:2], f"mask {mask.name}")
+        mask_array = load_mask(mask, array.shape[:2], f"mask {mask.name}", threshold)
     return _image_bytes(image, array), encode_png(mask_array), array.shape[:2]
 
 
@@ -64,11 +64,11 @@ def make_record(item: InputItem, category_id: int) -> bytes:
         s = make_sample(index, seed=seed, size=size, category=item.category)
         image, mask, (h, w) = encode_png(s.image), encode_png(s.mask), s.image.shape[:2]
     else:
-        image, mask, (h, w) = _load_pair(item.image, item.mask, "image")
+        image, mask, (h, w) = _load_pair(item.image, item.mask, "image", item.mask_threshold)
     features = {"image": image, "mask": mask, "category": item.category, "category_id": category_id,
                 "id": item.id, "height": h, "width": w, "source": item.source}
     if item.ref_image is not None:
-        ref_image, ref_mask, _ = _load_pair(item.ref_image, item.ref_mask, "reference")
+        ref_image, ref_mask, _ = _load_pair(item.ref_image, item.ref_mask, "reference", item.mask_threshold)
         features.update(ref_id=item.ref_id, ref_image=ref_image, ref_mask=ref_mask)
     return encode_example(features)
 
@@ -149,6 +149,7 @@ def write_dataset(listing: Listing, out: Path, fmt: records.Format = "arrayrecor
         "format": fmt, "split": split, "num_inputs": listing.num_inputs,
         "num_written": sum(s["num_records"] for s in shards),
         "rejected": listing.rejected + [r for s in shards for r in s["rejected"]],
+        "unmatched": listing.unmatched,
         "shards": [{"path": s["path"], "num_records": s["num_records"], "sha256": s["sha256"]} for s in shards],
         "categories": vocab,
         "category_counts": {name: sum(s["category_counts"].get(name, 0) for s in shards) for name in vocab},

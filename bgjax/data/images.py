@@ -66,8 +66,10 @@ def load_image(source: Path | bytes | Image.Image, what: str = "image") -> tuple
     return np.asarray(img.convert("RGB")), img
 
 
-def load_mask(source: Path | bytes | Image.Image, image_shape: tuple[int, int], what: str = "mask") -> np.ndarray:
-    """A product mask (H, W) uint8 in {0, 255}: the alpha of an RGBA cut-out, or a greyscale mask.
+def load_mask(source: Path | bytes | Image.Image, image_shape: tuple[int, int], what: str = "mask",
+              threshold: int = 127) -> np.ndarray:
+    """A product mask (H, W) uint8 in {0, 255}: the alpha of an RGBA cut-out, or a greyscale mask,
+    thresholded (product where the value is above `threshold`).
 
     Rejects masks without alpha that are colour images (their meaning is not clear), masks of
     another size than the image, empty masks and masks covering the whole image.
@@ -85,7 +87,7 @@ def load_mask(source: Path | bytes | Image.Image, image_shape: tuple[int, int], 
                        f"greyscale mask)")
     if alpha.shape != tuple(image_shape):
         raise Rejected(f"{what}: size {alpha.shape[::-1]} differs from the image's {tuple(image_shape)[::-1]} (W, H)")
-    mask = np.where(alpha >= 128, 255, 0).astype(np.uint8)
+    mask = np.where(alpha > threshold, 255, 0).astype(np.uint8)
     if not mask.any():
         raise Rejected(f"{what}: no product pixels")
     if mask.all():

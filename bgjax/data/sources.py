@@ -1,4 +1,4 @@
-"""Input listings: the BG60k layout, a shop's own folder, and the synthetic generator.
+"""Input listings: a shop's own folder and the synthetic generator (the BG60k release: `bgjax.data.bg60k`).
 
 A listing resolves every line to files (or rejects it with a reason) before anything is
 decoded; decoding and the remaining checks happen in the shard writers.
@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-INFO_FILES = {"bg60k": "bg60k_info.txt", "bg1k": "bg1k_info.txt", "bgpair": "bgpair_info.txt"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +26,14 @@ class InputItem:
     ref_mask: Path | None = None
     source: str = ""
     synthetic: tuple[int, int, int] | None = None  # (index, seed, size) for generated samples
+    mask_threshold: int = 127  # product where the mask (or alpha) value is above this
 
 
 @dataclasses.dataclass
 class Listing:
     items: list[InputItem]
-    rejected: list[dict]  # {"input": ..., "reason": ...}
+    rejected: list[dict]  # {"input": ..., "reason": ...}: lines that did not become items
+    unmatched: list[dict] = dataclasses.field(default_factory=list)  # {"file": ..., "reason": ...}: files no line used
 
     @property
     def num_inputs(self) -> int:
@@ -52,7 +53,7 @@ def _index(root: Path, pattern: str) -> dict[str, list[Path]]:
     return by_key
 
 
-def _safe_name(name: str) -> str | None:
+def safe_name(name: str) -> str | None:
     """The reason a listed name is unusable, or None."""
     if not name:
         return "empty image name"
@@ -69,59 +70,6 @@ def _resolve(index: dict[str, list[Path]], name: str, what: str) -> Path:
     if len(hits) > 1:
         raise LookupError(f"{what} {name!r} is ambiguous: {', '.join(str(h) for h in hits[:3])}")
     return hits[0]
-
-
-def _split_line(line: str, fields: int) -> list[str]:
-    """Tab-separated if there is a tab, else the first fields-1 whitespace tokens and the rest."""
-    parts = [p.strip() for p in line.split("\t")] if "\t" in line else line.split(None, fields - 1)
-    return [p.strip() for p in parts]
-
-
-def list_bg60k(root: Path, split: str = "bg60k") -> Listing:
-    """BG60k: `{split}_info.txt` (name, category) or `bgpair_info.txt` (name, reference, category);
-    images in `*_imgs_{i}/`, RGBA cut-out masks in `*_masks_{i}/`."""
-    root = Path(root)
-    if split not in INFO_FILES:
-        raise ValueError(f"split must be one of {', '.join(INFO_FILES)}, got {split!r}")
-    info = root / INFO_FILES[split]
-    if not info.is_file():
-        raise FileNotFoundError(f"{info}: not found (is {root} a BG60k folder?)")
-    images, masks = _index(root, "*_imgs_*"), _index(root, "*_masks_*")
-    fields = 3 if split == "bgpair" else 2
-    items, rejected, seen = [], [], set()
-    for number, raw in enumerate(info.read_text(encoding="utf-8-sig").splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
-        where = f"{info.name}:{number}: {line}"
-        parts = _split_line(line, fields)
-        if len(parts) != fields or not parts[-1]:
-            rejected.append({"input": where, "reason": f"expected {fields} fields (name[, reference], category)"})
-            continue
-        names, category = parts[:-1], " ".join(parts[-1].split())
-        reason = next((r for r in map(_safe_name, names) if r), None)
-        if reason:
-            rejected.append({"input": where, "reason": reason})
-            continue
-        # A target may pair with several references: a pair's id names both.
-        item_id = "__".join(Path(n).stem for n in names)
-        if item_id.lower() in seen:
-            rejected.append({"input": where, "reason": f"duplicate {'pair' if split == 'bgpair' else 'image'} "
-                                                       f"{' / '.join(names)!r}"})
-            continue
-        try:
-            image = _resolve(images, names[0], "image")
-            mask = _resolve(masks, Path(names[0]).stem, "mask")
-            ref = {}
-            if split == "bgpair":
-                ref = {"ref_id": Path(names[1]).stem, "ref_image": _resolve(images, names[1], "reference image"),
-                       "ref_mask": _resolve(masks, Path(names[1]).stem, "reference mask")}
-        except LookupError as e:
-            rejected.append({"input": where, "reason": str(e)})
-            continue
-        seen.add(item_id.lower())
-        items.append(InputItem(item_id, category, image, mask, source=f"bg60k/{split}", **ref))
-    return Listing(items, rejected)
 
 
 def list_folder(images: Path, categories: Path, masks: Path | None = None) -> Listing:
@@ -147,7 +95,7 @@ def list_folder(images: Path, categories: Path, masks: Path | None = None) -> Li
         name = str(row.get("image") or "").strip() if isinstance(row, dict) else ""
         category = " ".join(str(row.get("category") or "").split()) if isinstance(row, dict) else ""
         reason = row.get("_error") if isinstance(row, dict) else "not an object"
-        reason = reason or _safe_name(name) or (None if category else "no category")
+        reason = reason or safe_name(name) or (None if category else "no category")
         if not reason and Path(name).stem.lower() in seen:
             reason = f"duplicate image {name!r}"
         if reason:
