@@ -179,12 +179,12 @@ def test_bg60k_release_layout_converts_and_accounts_for_every_input(bg60k, tmp_p
 
 
 def test_bg1k_folders_without_index_and_the_alpha_threshold(tmp_path, capsys):
-    """bg1k_imgs/0.png + bg1k_masks/0_mask.png; alpha above 128 is product (the release's users' reading),
+    """bg1k_imgs/[bg1k_imgs/]0.png + bg1k_masks/0_mask.png; alpha above 128 is product (the release's users' reading),
     and --alpha-threshold moves it."""
     root = tmp_path / "release"
-    (root / "bg1k_imgs").mkdir(parents=True)
+    (root / "bg1k_imgs" / "bg1k_imgs").mkdir(parents=True)  # unzipping a folder's archive often nests it
     (root / "bg1k_masks").mkdir()
-    Image.fromarray(_photo()).save(root / "bg1k_imgs" / "0.png")
+    Image.fromarray(_photo()).save(root / "bg1k_imgs" / "bg1k_imgs" / "0.png")
     alpha = np.zeros((24, 32), np.uint8)
     alpha[4:14, 6:20] = 255
     alpha[4:14, 20] = 129  # a soft edge: one column just above the threshold, one at it

@@ -7,7 +7,7 @@ The release (and the public code of people who downloaded it) lays it out as
     bg60k_masks_0/ ... bg60k_masks_4/  161_mask.png   RGBA cut-outs; alpha > 128 is the product
     bg1k_imgs/  bg1k_masks/            0.png, 0_mask.png
 
-Folders are found with or without the index suffix (and through one extra level that unzipping often
+Folders are found with or without the index suffix (and inside the nested folder that unzipping often
 adds); a mask is the image's stem plus `_mask` (or `-mask`, ` mask`, `.mask`, or the stem alone), any
 image extension. An image with several candidate masks, a listed name found in several folders, or a
 missing file rejects that line with the candidates named; masks without an image and images the list
