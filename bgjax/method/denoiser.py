@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bgjax.method.config import MethodConfig
+from bgjax.models.attention import Implementation
 from bgjax.models.region import Region
 
 
@@ -38,10 +39,10 @@ class Denoiser:
         return self.unet.apply({"params": params["unet"]}, latents, timesteps, context, down, mid, region)
 
 
-def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32,
-                  param_dtype: jnp.dtype = jnp.float32) -> tuple[Denoiser, dict, MethodConfig]:
+def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+                  attention: Implementation = "auto") -> tuple[Denoiser, dict, MethodConfig]:
     """The denoiser of a bgjax model directory, built as its `method.json` says (`dtype` and
-    `param_dtype` as in `model_dir.load_component`).
+    `param_dtype` as in `model_dir.load_component`, `attention` the kernel, `bgjax.models.attention`).
 
     Branches whose folder is absent (a base model, or a stage-1 model without PG) are None.
     """
@@ -49,11 +50,12 @@ def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32,
 
     model = Path(model)
     config = model_dir.load_method(model)[0] if (model / "method.json").is_file() else MethodConfig()
-    unet, params = model_dir.load_component(model, "unet", dtype, param_dtype,
+    unet, params = model_dir.load_component(model, "unet", dtype, param_dtype, attention=attention,
                                             region_mode="mask_guided" if config.mask_guided_unet else "none")
     modules, all_params = {"unet": unet}, {"unet": params}
     present = model_dir.components(model)
     for kind, options in (("cg", {}), ("pg", {"mask_residuals": config.pg_mask_residuals})):
         if kind in present:
-            modules[kind], all_params[kind] = model_dir.load_component(model, kind, dtype, param_dtype, **options)
+            modules[kind], all_params[kind] = model_dir.load_component(model, kind, dtype, param_dtype,
+                                                                       attention=attention, **options)
     return Denoiser(**modules), all_params, config

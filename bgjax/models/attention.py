@@ -1,80 +1,133 @@
-"""Multi-head attention through `jax.nn.dot_product_attention`, backend chosen per platform.
+"""Multi-head attention through one function, `dot_product_attention`, with the kernel chosen per call.
 
-cuDNN's fused attention is 4x faster than XLA's for SD's 4096-token self-attention on an
-H200 (docs/bench/). It is used where it is known to work and to pay: fp16/bf16 inputs, head
-dims a multiple of 8 up to 128, and an even key length. Everything else goes through XLA:
-CPU, TPU, fp32, CLIP's 77-token cross-attention contexts (cuDNN rejects odd key lengths when
-training), SD-1.5's 160-wide heads (only 256 tokens; XLA measured as fast) and the VAE's
-single 512-wide head.
+The choice is a module field (`Attention.implementation`, set model-wide by `components.build(...,
+attention=...)`), so jit sees it and no global state is read at trace time:
+
+- "xla": XLA's attention everywhere.
+- "cudnn": cuDNN's fused kernel wherever it applies (GPU, fp16/bf16, head dims a multiple of 8 up to
+  128); an odd key length (CLIP's 77-token contexts) is padded to an even one and masked out, since
+  cuDNN rejects odd key lengths when training. 4x faster than XLA for SD's 4096-token self-attention
+  on an H200 (docs/bench/). Elsewhere XLA.
+- "flash": Pallas flash attention (the TPU kernel of `jax.experimental.pallas.ops.tpu`) for unmasked
+  self-attention whose length is a multiple of 128; head dims are zero-padded to 128, as MaxDiffusion
+  does. XLA's plain path writes every (T, T) score matrix to HBM; the kernel never does. Elsewhere XLA.
+  On a CPU it runs in Pallas' TPU interpret mode only (`pltpu.force_tpu_interpret_mode()`: the tests).
+- "auto" (default): cuDNN on GPUs where it applies; flash on TPUs for self-attention of at least
+  FLASH_MIN_TOKENS tokens (SD's 4096- and 1024-token layers); XLA otherwise (CPU, fp32, the VAE's
+  single 512-wide head, SD-1.5's 160-wide heads).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
 from bgjax.models.layers import group_norm
 
-Implementation = Literal["auto", "xla", "cudnn"]
+Implementation = Literal["auto", "xla", "cudnn", "flash"]
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "flash")
+FLASH_MIN_TOKENS = 1024
+_FLASH_BLOCKS = (512, 256, 128)
 
 _log = logging.getLogger(__name__)
-_implementation: Implementation = "auto"
 
 
-def set_attention_implementation(impl: Implementation) -> None:
-    """Force 'xla' or 'cudnn' everywhere, or go back to 'auto' (per-call choice)."""
-    global _implementation
-    if impl not in ("auto", "xla", "cudnn"):
-        raise ValueError(f"attention implementation must be auto, xla or cudnn, got {impl!r}")
-    _implementation = impl
+def check_implementation(impl: str) -> Implementation:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
+    return impl
 
 
 def cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
+    """Whether cuDNN's fused kernel takes these (B, T, heads, head_dim) inputs (checked at trace time)."""
     head_dim = q.shape[-1]
-    return (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and k.dtype == q.dtype
-        and head_dim % 8 == 0
-        and head_dim <= 128
-        and k.shape[1] % 2 == 0
-    )
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+            and head_dim % 8 == 0 and head_dim <= 128)
 
 
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    is_causal: bool = False,
-    implementation: Implementation | None = None,
-) -> jax.Array:
-    """softmax(q k^T / sqrt(d)) v for (batch, length, heads, head_dim) inputs."""
-    impl = implementation or _implementation
-    if impl == "auto":
-        impl = "cudnn" if cudnn_supports(q, k) else "xla"
-    if impl == "cudnn":
+def flash_supports(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the Pallas flash kernel takes these inputs: self-attention, a length it tiles."""
+    return q.shape[1] == k.shape[1] and q.shape[1] % _FLASH_BLOCKS[-1] == 0
+
+
+def choose(impl: Implementation, q: jax.Array, k: jax.Array, masked: bool = False, causal: bool = False) -> str:
+    """The kernel a call runs: "xla", "cudnn" or "flash" (see the module docstring)."""
+    check_implementation(impl)
+    # Odd key lengths are padded, except under a causal mask, which would then cover the padding too.
+    if impl in ("auto", "cudnn") and cudnn_supports(q, k) and not (causal and k.shape[1] % 2):
+        return "cudnn"
+    tpu_long = jax.default_backend() == "tpu" and q.shape[1] >= FLASH_MIN_TOKENS
+    if (impl == "flash" or (impl == "auto" and tpu_long)) and not (masked or causal) and flash_supports(q, k):
+        return "flash"
+    return "xla"
+
+
+def pad_odd_keys(k: jax.Array, v: jax.Array, mask: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """(k, v, mask, key lengths) with an odd key length padded by one key that the mask (or, without one,
+    the key lengths) leaves out; unchanged for even lengths."""
+    length = k.shape[1]
+    if length % 2 == 0:
+        return k, v, mask, None
+    k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (k, v))
+    if mask is None:
+        return k, v, None, jnp.full((k.shape[0],), length, jnp.int32)
+    mask = jnp.pad(jnp.broadcast_to(mask, (*mask.shape[:-1], length)), ((0, 0), (0, 0), (0, 0), (0, 1)))
+    return k, v, mask, None
+
+
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool) -> jax.Array:
+    k, v, mask, lengths = pad_odd_keys(k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Pallas flash attention for (B, T, heads, head_dim) self-attention, T a multiple of 128."""
+    head_dim, length = q.shape[-1], q.shape[1]
+    block = next(b for b in _FLASH_BLOCKS if length % b == 0)
+    pad = -head_dim % 128  # zero columns change no dot product; the output's are sliced off
+
+    def heads_first(a: jax.Array) -> jax.Array:
+        return jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, pad))).transpose(0, 2, 1, 3)
+
+    sizes = pallas_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
+                                    block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
+                                    block_q_dkv=block, block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+    out = pallas_flash.flash_attention(heads_first(q), heads_first(k), heads_first(v),
+                                       sm_scale=1.0 / math.sqrt(head_dim), block_sizes=sizes)
+    return out.transpose(0, 2, 1, 3)[..., :head_dim]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                          is_causal: bool = False, implementation: Implementation = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v for (batch, length, heads, head_dim) inputs; `mask` (B, 1, 1, S) keeps
+    the keys where it is true."""
+    kernel = choose(implementation, q, k, masked=mask is not None, causal=is_causal)
+    if kernel == "cudnn":
         try:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            if implementation == "cudnn":
-                raise
-            _log.warning("cuDNN attention unavailable for q%s %s (%s); using XLA", q.shape, q.dtype, e)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
+            return _cudnn(q, k, v, mask, is_causal)
+        except (ValueError, NotImplementedError, RuntimeError) as e:  # cuDNN's own limits, found at trace time
+            _log.warning("cuDNN attention unavailable for q%s k%s %s (%s); using XLA", q.shape, k.shape, q.dtype, e)
+    if kernel == "flash":
+        return flash_attention(q, k, v).astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
 
 
 def mask_guided_attention(q: jax.Array, k: jax.Array, v: jax.Array, fg_tokens: jax.Array, bg_tokens: jax.Array,
-                          region_weight: jax.Array) -> jax.Array:
+                          region_weight: jax.Array, implementation: Implementation = "auto") -> jax.Array:
     """Two softmaxes over the foreground / background key sets, blended per query by M_r."""
 
     def attend(tokens: jax.Array) -> jax.Array:
-        # log m on the logits is a boolean key mask; XLA, as the keys are CLIP's 77 tokens.
+        # log m on the logits is a boolean key mask
         mask = (tokens > 0)[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla").astype(jnp.float32)
+        return dot_product_attention(q, k, v, mask=mask, implementation=implementation).astype(jnp.float32)
 
     m = region_weight[..., None].astype(jnp.float32)  # (B, T, 1, 1) against (B, T, heads, d)
     return (m * attend(fg_tokens) + (1.0 - m) * attend(bg_tokens)).astype(q.dtype)
@@ -96,6 +149,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out.0")
     dtype: jnp.dtype = jnp.float32
+    implementation: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, is_causal: bool = False,
@@ -118,9 +172,9 @@ class Attention(nn.Module):
 
         q, k, v = project(q_name, x), project(k_name, context), project(v_name, context)
         if token_masks is None:
-            y = dot_product_attention(q, k, v, is_causal=is_causal)
+            y = dot_product_attention(q, k, v, is_causal=is_causal, implementation=self.implementation)
         else:
-            y = mask_guided_attention(q, k, v, *token_masks, region_weight)
+            y = mask_guided_attention(q, k, v, *token_masks, region_weight, self.implementation)
         y = y.reshape(*y.shape[:-2], inner)
         y = nn.Dense(self.out_dim or x.shape[-1], dtype=self.dtype, name=out_name)(y)
         if spatial_shape is not None:

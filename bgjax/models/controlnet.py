@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bgjax.models.attention import Implementation
 from bgjax.models.configs import UNetConfig
 from bgjax.models.layers import conv
 from bgjax.models.region import Region, RegionMode, area_resize
@@ -41,6 +42,7 @@ class ControlNetModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     region_mode: RegionMode = "none"
     mask_residuals: bool = False
+    attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
 
     @nn.compact
     def __call__(
@@ -60,8 +62,8 @@ class ControlNetModel(nn.Module):
                              f"got {controlnet_cond.shape}")
         cond = ControlNetConditioningEmbedding(cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels,
                                                dtype=dtype, name="controlnet_cond_embedding")
-        x, _, skips = encode(cfg, dtype, sample, timesteps, encoder_hidden_states.astype(dtype),
-                             cond(controlnet_cond.astype(dtype)), region, self.region_mode)
+        x, _, skips = encode(self, sample, timesteps, encoder_hidden_states.astype(dtype),
+                             cond(controlnet_cond.astype(dtype)), region)
         down = [
             conv(s.shape[-1], 1, padding=0, zero_init=True, name=f"controlnet_down_blocks.{i}", dtype=dtype)(s)
             for i, s in enumerate(skips)

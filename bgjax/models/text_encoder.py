@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bgjax.models.attention import Attention
+from bgjax.models.attention import Attention, Implementation
 from bgjax.models.configs import CLIPTextConfig
 from bgjax.models.layers import layer_norm
 
@@ -41,6 +41,7 @@ class CLIPEncoderLayer(nn.Module):
     config: EncoderConfig
     dtype: jnp.dtype = jnp.float32
     causal: bool = True
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,7 +49,8 @@ class CLIPEncoderLayer(nn.Module):
         heads = cfg.num_attention_heads
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm1")(x)
         x = x + Attention(heads, cfg.hidden_size // heads, qkv_bias=True, dtype=self.dtype,
-                          names=("q_proj", "k_proj", "v_proj", "out_proj"), name="self_attn")(h, is_causal=self.causal)
+                          names=("q_proj", "k_proj", "v_proj", "out_proj"), implementation=self.attention,
+                          name="self_attn")(h, is_causal=self.causal)
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm2")(x)
         h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="mlp.fc1")(h)
         return x + nn.Dense(cfg.hidden_size, dtype=self.dtype, name="mlp.fc2")(_activation(cfg.hidden_act, h))
@@ -57,6 +59,7 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, input_embeds: jax.Array | None = None) -> jax.Array:
@@ -70,7 +73,7 @@ class CLIPTextTransformer(nn.Module):
         x = token_embedding(input_ids) if input_embeds is None else input_embeds
         x = (x + position_embedding(jnp.arange(input_ids.shape[-1]))).astype(self.dtype)
         for i in range(cfg.num_hidden_layers):
-            x = CLIPEncoderLayer(cfg, dtype=self.dtype, name=f"encoder.layers.{i}")(x)
+            x = CLIPEncoderLayer(cfg, dtype=self.dtype, attention=self.attention, name=f"encoder.layers.{i}")(x)
         return layer_norm(cfg.layer_norm_eps, name="final_layer_norm")(x)
 
 
@@ -83,10 +86,12 @@ class CLIPTextModel(nn.Module):
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, input_embeds: jax.Array | None = None) -> jax.Array:
-        return CLIPTextTransformer(self.config, dtype=self.dtype, name="text_model")(input_ids, input_embeds)
+        return CLIPTextTransformer(self.config, dtype=self.dtype, attention=self.attention, name="text_model")(
+            input_ids, input_embeds)
 
 
 def load_tokenizer(path: str | Path):

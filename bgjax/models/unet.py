@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bgjax.models.attention import Attention
+from bgjax.models.attention import Attention, Implementation
 from bgjax.models.configs import CROSS_ATTN_UP, UNetConfig
 from bgjax.models.layers import (
     Downsample2D,
@@ -43,6 +43,7 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, region: Region | None = None,
@@ -50,7 +51,8 @@ class BasicTransformerBlock(nn.Module):
         dim = self.heads * self.dim_head
 
         def attn(name: str) -> Attention:
-            return Attention(self.heads, self.dim_head, out_dim=dim, dtype=self.dtype, name=name)
+            return Attention(self.heads, self.dim_head, out_dim=dim, dtype=self.dtype, implementation=self.attention,
+                             name=name)
 
         x = x + attn("attn1")(layer_norm(1e-5, name="norm1")(x), context if self.only_cross_attention else None)
         h = layer_norm(1e-5, name="norm2")(x)
@@ -72,6 +74,7 @@ class Transformer2DModel(nn.Module):
     groups: int = 32
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, region: Region | None = None) -> jax.Array:
@@ -85,7 +88,8 @@ class Transformer2DModel(nn.Module):
             y = conv(inner, 1, padding=0, name="proj_in", dtype=self.dtype)(y).reshape(b, h * w, inner)
         for i in range(self.depth):
             y = BasicTransformerBlock(self.heads, self.dim_head, self.only_cross_attention, self.region_mode,
-                                      dtype=self.dtype, name=f"transformer_blocks.{i}")(y, context, region, m_r)
+                                      dtype=self.dtype, attention=self.attention,
+                                      name=f"transformer_blocks.{i}")(y, context, region, m_r)
         if self.use_linear_projection:
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
@@ -93,12 +97,14 @@ class Transformer2DModel(nn.Module):
         return y + x
 
 
-def _transformer(cfg: UNetConfig, level: int, region_mode: RegionMode, dtype: jnp.dtype,
-                 name: str) -> Transformer2DModel:
+def _transformer(block: nn.Module, level: int, name: str) -> Transformer2DModel:
+    """The level's transformer, with the dtype, region mode and attention kernel of `block`."""
+    cfg = block.config
     channels, heads = cfg.block_out_channels[level], cfg.num_attention_heads[level]
     return Transformer2DModel(heads, channels // heads, cfg.transformer_layers_per_block[level],
                               cfg.use_linear_projection, cfg.only_cross_attention[level],
-                              cfg.norm_num_groups, region_mode, dtype=dtype, name=name)
+                              cfg.norm_num_groups, block.region_mode, dtype=block.dtype, attention=block.attention,
+                              name=name)
 
 
 def _resnet(cfg: UNetConfig, channels: int, dtype: jnp.dtype, name: str) -> ResnetBlock2D:
@@ -112,6 +118,7 @@ class DownBlock2D(nn.Module):
     level: int
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array,
@@ -121,7 +128,7 @@ class DownBlock2D(nn.Module):
         for i in range(cfg.layers_per_block):
             x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
             if cfg.has_cross_attention(level):
-                x = _transformer(cfg, level, self.region_mode, self.dtype, f"attentions.{i}")(x, context, region)
+                x = _transformer(self, level, f"attentions.{i}")(x, context, region)
             skips.append(x)
         if level < len(cfg.block_out_channels) - 1:
             x = Downsample2D(channels, cfg.downsample_padding, dtype=self.dtype, name="downsamplers.0")(x)
@@ -133,13 +140,14 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     config: UNetConfig
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, region: Region | None = None) -> jax.Array:
         cfg, channels = self.config, self.config.block_out_channels[-1]
         x = _resnet(cfg, channels, self.dtype, "resnets.0")(x, temb)
         level = len(cfg.block_out_channels) - 1
-        x = _transformer(cfg, level, self.region_mode, self.dtype, "attentions.0")(x, context, region)
+        x = _transformer(self, level, "attentions.0")(x, context, region)
         return _resnet(cfg, channels, self.dtype, "resnets.1")(x, temb)
 
 
@@ -153,6 +161,7 @@ class UpBlock2D(nn.Module):
     index: int
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
@@ -164,7 +173,7 @@ class UpBlock2D(nn.Module):
             x = jnp.concatenate([x, skip], axis=-1)
             x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
             if cfg.up_block_types[self.index] == CROSS_ATTN_UP:
-                x = _transformer(cfg, level, self.region_mode, self.dtype, f"attentions.{i}")(x, context, region)
+                x = _transformer(self, level, f"attentions.{i}")(x, context, region)
         if level > 0:
             x = Upsample2D(channels, dtype=self.dtype, name="upsamplers.0")(x)
         return x
@@ -179,15 +188,17 @@ def check_latent_shape(cfg: UNetConfig, sample: jax.Array) -> None:
         raise ValueError(f"sample: expected {cfg.in_channels} channels (NHWC), got shape {sample.shape}")
 
 
-def encode(cfg: UNetConfig, dtype: jnp.dtype, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-           cond_embedding: jax.Array | None = None, region: Region | None = None,
-           region_mode: RegionMode = "none") -> tuple[jax.Array, jax.Array, list[jax.Array]]:
-    """conv_in, time embedding, down blocks and mid block, shared by the UNet and ControlNet.
+def encode(model: nn.Module, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
+           cond_embedding: jax.Array | None = None, region: Region | None = None) -> tuple[jax.Array, jax.Array,
+                                                                                          list[jax.Array]]:
+    """conv_in, time embedding, down blocks and mid block, shared by the UNet and ControlNet (`model`,
+    whose config, dtype, region mode and attention kernel they take).
 
-    Must be called from inside a compact method: the submodules it creates belong to the
-    caller, which is what gives both models the same top-level names as in diffusers.
+    Must be called from inside `model`'s compact method: the submodules it creates belong to it, which is
+    what gives both models the same top-level names as in diffusers.
     Returns the mid-block output, the time embedding and the skip connections.
     """
+    cfg, dtype, region_mode, attention = model.config, model.dtype, model.region_mode, model.attention
     check_latent_shape(cfg, sample)
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -197,10 +208,11 @@ def encode(cfg: UNetConfig, dtype: jnp.dtype, sample: jax.Array, timesteps: jax.
         x = x + cond_embedding
     skips = [x]
     for level in range(len(cfg.block_out_channels)):
-        x, level_skips = DownBlock2D(cfg, level, region_mode, dtype=dtype, name=f"down_blocks.{level}")(
-            x, temb, context, region)
+        x, level_skips = DownBlock2D(cfg, level, region_mode, dtype=dtype, attention=attention,
+                                     name=f"down_blocks.{level}")(x, temb, context, region)
         skips += level_skips
-    x = UNetMidBlock2DCrossAttn(cfg, region_mode, dtype=dtype, name="mid_block")(x, temb, context, region)
+    x = UNetMidBlock2DCrossAttn(cfg, region_mode, dtype=dtype, attention=attention, name="mid_block")(
+        x, temb, context, region)
     return x, temb, skips
 
 
@@ -214,6 +226,7 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
     region_mode: RegionMode = "none"
+    attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
 
     @nn.compact
     def __call__(
@@ -227,7 +240,7 @@ class UNet2DConditionModel(nn.Module):
     ) -> jax.Array:
         cfg, dtype = self.config, self.dtype
         context = encoder_hidden_states.astype(dtype)
-        x, temb, skips = encode(cfg, dtype, sample, timesteps, context, region=region, region_mode=self.region_mode)
+        x, temb, skips = encode(self, sample, timesteps, context, region=region)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"down_block_additional_residuals: expected {len(skips)} residuals, "
@@ -237,7 +250,7 @@ class UNet2DConditionModel(nn.Module):
             x = x + mid_block_additional_residual.astype(dtype)
         n = cfg.layers_per_block + 1
         for i in range(len(cfg.block_out_channels)):
-            x = UpBlock2D(cfg, i, self.region_mode, dtype=dtype, name=f"up_blocks.{i}")(
+            x = UpBlock2D(cfg, i, self.region_mode, dtype=dtype, attention=self.attention, name=f"up_blocks.{i}")(
                 x, skips[-n:], temb, context, region)
             skips = skips[:-n]
         # The head runs in fp32: 4 output channels cost nothing, and the sampler sees no bf16 rounding.

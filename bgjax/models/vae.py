@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bgjax.models.attention import Attention
+from bgjax.models.attention import Attention, Implementation
 from bgjax.models.configs import VAEConfig
 from bgjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
@@ -20,13 +20,14 @@ class UNetMidBlock2D(nn.Module):
     groups: int
     add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name="resnets.0")(x)
         if self.add_attention:
             x = Attention(1, self.channels, qkv_bias=True, norm_groups=self.groups, norm_eps=VAE_EPS,
-                          dtype=self.dtype, name="attentions.0")(x)
+                          dtype=self.dtype, implementation=self.attention, name="attentions.0")(x)
         return ResnetBlock2D(self.channels, self.groups, VAE_EPS, dtype=self.dtype, name="resnets.1")(x)
 
 
@@ -59,6 +60,7 @@ def _out(cfg: VAEConfig, channels: int, x: jax.Array) -> jax.Array:
 class Encoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -69,20 +71,21 @@ class Encoder(nn.Module):
             x = ResnetStack2D(channels, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < last else None,
                               dtype=dtype, name=f"down_blocks.{i}")(x)
         x = UNetMidBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
-                           dtype=dtype, name="mid_block")(x)
+                           dtype=dtype, attention=self.attention, name="mid_block")(x)
         return _out(cfg, 2 * cfg.latent_channels, x)
 
 
 class Decoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, dtype = self.config, self.dtype
         x = conv(cfg.block_out_channels[-1], name="conv_in", dtype=dtype)(z)
         x = UNetMidBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
-                           dtype=dtype, name="mid_block")(x)
+                           dtype=dtype, attention=self.attention, name="mid_block")(x)
         last = len(cfg.block_out_channels) - 1
         for i, channels in enumerate(reversed(cfg.block_out_channels)):
             x = ResnetStack2D(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < last else None,
@@ -99,10 +102,11 @@ class AutoencoderKL(nn.Module):
 
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
+    attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
 
     def setup(self) -> None:
-        self.encoder = Encoder(self.config, dtype=self.dtype)
-        self.decoder = Decoder(self.config, dtype=self.dtype)
+        self.encoder = Encoder(self.config, dtype=self.dtype, attention=self.attention)
+        self.decoder = Decoder(self.config, dtype=self.dtype, attention=self.attention)
         n = 2 * self.config.latent_channels
         self.quant_conv = conv(n, 1, padding=0, name="quant_conv", dtype=self.dtype)
         self.post_quant_conv = conv(self.config.latent_channels, 1, padding=0, name="post_quant_conv",

@@ -37,6 +37,7 @@ from bgjax.method.conditions import product_condition, reference_condition
 from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser, load_denoiser
 from bgjax.method.prompts import CategoryVocabulary, Prompt, PromptBuilder, embed_with_identifiers
+from bgjax.models.attention import Implementation
 from bgjax.models.configs import read_config_json
 from bgjax.models.region import Region, RegionMode
 from bgjax.models.text_encoder import load_tokenizer
@@ -275,12 +276,14 @@ class BackgroundPipeline:
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> BackgroundPipeline:
-        """Load a bgjax model directory; `dtype` is the compute dtype and that of the (frozen) params."""
+    def from_pretrained(cls, model: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
+                        attention: Implementation = "auto") -> BackgroundPipeline:
+        """Load a bgjax model directory; `dtype` is the compute dtype and that of the (frozen) params,
+        `attention` the attention kernel (`bgjax.models.attention`; "auto" chooses per backend)."""
         model = Path(model)
-        denoiser, denoiser_params, config = load_denoiser(model, dtype, param_dtype=dtype)
-        text_encoder, text_params = model_dir.load_component(model, "text_encoder", dtype, dtype)
-        vae, vae_params = model_dir.load_component(model, "vae", dtype, dtype)
+        denoiser, denoiser_params, config = load_denoiser(model, dtype, dtype, attention)
+        text_encoder, text_params = model_dir.load_component(model, "text_encoder", dtype, dtype, attention=attention)
+        vae, vae_params = model_dir.load_component(model, "vae", dtype, dtype, attention=attention)
         categories, identifiers = None, None
         if (model / "method.json").is_file():
             _, categories, identifiers = model_dir.load_method(model)

@@ -24,6 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.method = dataclasses.asdict(MethodConfig())
     c.dtype = "bfloat16"  # compute dtype; trained params stay float32
+    c.attention = "auto"  # attention kernel: auto (per backend), xla, cudnn or flash (bgjax.models.attention)
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()

@@ -89,7 +89,9 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
     modules, params, configs = {}, {}, {}
     for i, kind in enumerate(needed):
         trained = kind in TRAINED[config.stage]
-        options = {"mask_residuals": config.method["pg_mask_residuals"]} if kind == "pg" else {}
+        options = {"attention": config.attention}
+        if kind == "pg":
+            options["mask_residuals"] = config.method["pg_mask_residuals"]
         if kind == "unet" and config.method["mask_guided_unet"]:
             options["region_mode"] = "mask_guided"
         if kind in present:
@@ -148,7 +150,7 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
     if "unet" in modules:
         denoiser = Denoiser(modules["unet"], modules.get("cg"), modules.get("pg"))
         if config.stage == "pg" and "cg" in present:  # stage 2 keeps stage 1's CG, frozen
-            cg, params["cg"] = model_dir.load_component(base, "cg", dtype, dtype)
+            cg, params["cg"] = model_dir.load_component(base, "cg", dtype, dtype, attention=config.attention)
             denoiser = dataclasses.replace(denoiser, cg=cg)
             configs["cg"] = read_config_json(base / "cg" / "config.json")
     models = StageModels(config.stage, modules["vae"], denoiser, modules.get("text_encoder"), schedule, method,
