@@ -115,6 +115,22 @@ def _demo(args: argparse.Namespace) -> None:
           f"{Path(args.out) / 'contact_sheet.png'}")
 
 
+def _compile_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache: reruns with the same shapes skip compiling "
+                        "(default: $BGJAX_COMPILE_CACHE, else ~/.cache/bgjax/jax)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing")
+
+
+def compile_cache_dir(args: argparse.Namespace) -> Path | None:
+    """Where a command's compiled programs are cached (None: nowhere)."""
+    from bgjax import compile_cache
+
+    if args.no_compile_cache:
+        return None
+    return Path(args.compile_cache) if args.compile_cache else compile_cache.default_dir()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgjax", description="E-commerce product backgrounds with JAX.")
     parser.add_argument("--version", action="version", version=f"bgjax {__version__}")
@@ -140,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="another bgjax model directory (default: the bundled one)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
+    _compile_cache_options(p)
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("train", help="train a stage (vae, unet, cg, pg) from a config file",
@@ -151,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="multi-host by hand: HOST:PORT of process 0")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    _compile_cache_options(p)
     p.set_defaults(run=_train, overrides=[])
 
     p = sub.add_parser("generate", help="product (+ mask) or cut-out, category [, reference] -> ad images",
@@ -183,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", required=True, help="the folder for the images, sidecars and errors.jsonl")
     p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
+    _compile_cache_options(p)
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("eval", help="a BG1K / BG-pair split -> generated images per method variant, CLIP-sim, FID, "
@@ -215,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-batch-size", type=int, default=32, help="metric networks: images per batch")
     p.add_argument("--sheet-rows", type=int, default=16, help="records per contact sheet (default 16)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    _compile_cache_options(p)
     p.set_defaults(run=_eval)
 
     data = sub.add_parser("data", help="datasets -> record shards + manifest; inspect them").add_subparsers(
@@ -277,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and args.command != "train":
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
+    if hasattr(args, "no_compile_cache"):
+        from bgjax import compile_cache
+
+        compile_cache.enable(compile_cache_dir(args))
     try:
         status = args.run(args)
     except (CheckpointError, ConfigError, RecordError, FileNotFoundError, TrainingDiverged) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def save_diffusers_folder(models: dict[str, torch.nn.Module], folder: Path) -> P
     write_byte_tokenizer(folder / "tokenizer")
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_config(folder / "scheduler")
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> Path:
+    """One persistent compilation cache for the session's `bgjax` commands and their subprocesses (not the
+    user's): programs compiled by one test load in the next."""
+    os.environ.setdefault("BGJAX_COMPILE_CACHE", str(tmp_path_factory.mktemp("jax_compile_cache")))
+    return Path(os.environ["BGJAX_COMPILE_CACHE"])
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,21 @@
-"""The trainer's real CG step (bgjax.train) at SD-1.5 shapes with random weights: compile time,
-the compiled step's memory per device, and (unless --memory-only) img/s, TFLOP/s and MFU.
+"""The trainer's real CG or PG step (bgjax.train) at SD-1.5 shapes with random weights: compile time, the
+compiled step's memory per device, XLA's FLOPs per step, and (unless --memory-only) img/s, TFLOP/s and MFU.
 
-By default batches carry cached VAE latents, as the PyTorch peer in ../shared/bench/ does
-(it trains a ControlNet on latents); --vae encodes the 512 px images inside the step instead.
-The text encoder runs in every step (CG trains the identifier embeddings through it).
+By default batches carry cached VAE latents, as the PyTorch peer's ControlNet step trains on latents;
+--vae encodes the 512 px images inside the step instead. The text encoder runs in every step (CG trains the
+identifier embeddings through it). The PG step is PG's alone: without a stage-1 model on disk there is no
+frozen CG beside it (bgjax train's stage 2 adds CG's forward, about 283 GFLOP per image).
 
-    python tools/bench_train.py                          # one device, batch 16
+    python tools/bench_train.py                          # CG, one device, batch 16
+    python tools/bench_train.py --stage pg --batch 32
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python tools/bench_train.py --fsdp 8 --memory-only  # bytes per device with FSDP over 8
+    python tools/bench_train.py --size tiny --steps 2    # seconds on a CPU
+
+Prints one JSON line: side, what (train_cg_step / train_pg_step), batch, s_per_step, img_per_s, compile_s,
+device, memory (compiled: argument/output/temp GiB; peak_gib from the allocator where it reports one), flops
+(XLA's, per device and step) and, at SD-1.5 shapes, hand_flops (torch's per-image forward counts: the frozen
+UNet forward and backward to its inputs, 2x, the trained branch 3x).
 """
 
 from __future__ import annotations
@@ -24,17 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bgjax.models.attention import set_attention_implementation
+from bgjax.data.augment import PGAugmentConfig, draw_pg_batch
+from bgjax.models.attention import IMPLEMENTATIONS
 from bgjax.train import presets, sharding
 from bgjax.train.config_file import load_config
 from bgjax.train.loop import Trainer, peak_tflops
 from bgjax.train.models import load_stage
 
 UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680  # torch FLOP counter, per image
-CONFIG = Path(__file__).parent.parent / "configs" / "cg_sd15_512.py"
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-def synthetic_batch(models, categories: dict, batch: int, resolution: int, latents: bool) -> dict:
+def synthetic_batch(models, categories: dict, batch: int, resolution: int, latents: bool, pg: bool) -> dict:
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     rng = np.random.default_rng(0)
     cid = np.arange(batch) % len(categories)
@@ -48,6 +57,8 @@ def synthetic_batch(models, categories: dict, batch: int, resolution: int, laten
         shape = (batch, resolution // factor, resolution // factor, 4)
         out["latent_mean"] = rng.standard_normal(shape).astype(np.float16)
         out["latent_logvar"] = np.full(shape, -6, np.float16)
+    if pg:
+        out.update(draw_pg_batch(mask, rng, PGAugmentConfig()))
     return out
 
 
@@ -58,24 +69,29 @@ def phase(name: str, since: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("cg", "pg"), default="cg")
     p.add_argument("--size", choices=("sd15", "tiny"), default="sd15", help="tiny: a CPU smoke run at 64 px")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--vae", action="store_true", help="encode images in the step (no latent cache)")
     p.add_argument("--memory-only", action="store_true", help="compile from shapes only; allocate nothing")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS)
+    p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
     args = p.parse_args()
-    set_attention_implementation(args.attention)
 
-    config = load_config(CONFIG, [f"--config.data.batch_size={args.batch}", f"--config.mesh.fsdp={args.fsdp}",
-                                  "--config.model=''"])
+    config = load_config(CONFIGS / f"{args.stage}_sd15_512.py", [
+        f"--config.data.batch_size={args.batch}", f"--config.mesh.fsdp={args.fsdp}", "--config.model=''",
+        f"--config.attention={args.attention}"])
+    branch = {args.stage: {}}
     if args.size == "sd15":
-        config.init = {**presets.SD15_RANDOM, "cg": {}}
+        config.init = {**presets.SD15_RANDOM, **branch}
     else:
         config.init = {"vae": presets.TINY_VAE, "text_encoder": presets.TINY_TEXT_ENCODER, "unet": presets.TINY_UNET,
-                       "cg": presets.TINY_BRANCH, "tokenizer": "byte", "scheduler": presets.SCHEDULER}
+                       args.stage: presets.TINY_BRANCH, "tokenizer": "byte", "scheduler": presets.SCHEDULER}
         config.data.crop.resolution = 64
+    if args.stage == "pg":  # a PG stage without a base model: its own random identifiers are not needed
+        config.method.identifiers = "shared"
     categories = {f"category {i}": i for i in range(8)}
     workdir = Path(tempfile.mkdtemp())
     dtype = jnp.bfloat16
@@ -95,7 +111,8 @@ def main() -> None:
     empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()}
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     trainer = Trainer(config, models, trained, frozen, empty, mesh)
-    local = synthetic_batch(models, categories, args.batch, config.data.crop.resolution, not args.vae)
+    local = synthetic_batch(models, categories, args.batch, config.data.crop.resolution, not args.vae,
+                            args.stage == "pg")
     t = phase("trainer", t)
     batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                     for k, v in local.items()}
@@ -107,8 +124,13 @@ def main() -> None:
     gib = {f"{k}_gib": getattr(mem, f"{k}_size_in_bytes", 0) / 2**30
            for k in ("argument", "output", "alias", "temp", "generated_code")}
     gib["total_gib"] = gib["argument_gib"] + gib["output_gib"] - gib["alias_gib"] + gib["temp_gib"]
-    row = {"what": "train_cg_step", "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
-           "fsdp": args.fsdp, "batch": args.batch, "vae_in_step": args.vae, "compile_s": round(compile_s, 1), **gib}
+    cost = compiled.cost_analysis()
+    flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    row = {"side": "bgjax", "what": f"train_{args.stage}_step", "device": jax.devices()[0].device_kind,
+           "devices": len(jax.devices()), "fsdp": args.fsdp, "batch": args.batch, "attention": args.attention,
+           "vae_in_step": args.vae, "compile_s": round(compile_s, 1), "flops": flops, **gib}
+    if args.size == "sd15":
+        row["hand_flops"] = args.batch * (2 * UNET_FLOPS_SD15 + 3 * CONTROLNET_FLOPS_SD15) / len(jax.devices())
     if not args.memory_only:
         state, frozen = trainer.fresh_state(trained), trainer.place(frozen)
         del trained
@@ -120,13 +142,19 @@ def main() -> None:
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - t0)
         dt = statistics.median(times[2:])
-        cost = compiled.cost_analysis()
-        flops = (args.batch * 3 * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) / len(jax.devices()) if args.size == "sd15"
-                 else float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)))
         row.update(s_per_step=dt, img_per_s=args.batch / dt, tflops_per_device=flops / dt / 1e12,
                    loss=float(metrics["loss"]))
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            row["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
         if peak_tflops(config):
             row["mfu"] = row["tflops_per_device"] / peak_tflops(config)
+        if args.profile:
+            jax.profiler.start_trace(args.profile)
+            for _ in range(3):
+                state, metrics = compiled(state, frozen, batch)
+            jax.block_until_ready(metrics["loss"])
+            jax.profiler.stop_trace()
     print(json.dumps(row), flush=True)
 
 
