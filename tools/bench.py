@@ -1,12 +1,13 @@
 """Benchmark bgjax against the diffusers (PyTorch) peer, side by side in one run, on one device.
 
 Workloads (random weights, SD-1.5 shapes at 512 px unless --size tiny):
-  denoise   UNet + ControlNet, classifier-free guidance (batch doubled), bf16, batch 8
+  denoise   UNet + ControlNet, and UNet + CG (mask-guided cross-attention), classifier-free guidance
+            (batch doubled), bf16, batch 8
   train     ControlNet training step, batch 16, UNet frozen in bf16, ControlNet fp32 master
             weights with bf16 compute, AdamW
   vae       VAE decode, batch 8, bf16
-  attention cuDNN vs XLA fused attention at 4096 tokens, 8 heads of 40, batch 16 (GPU only),
-            with the relative difference between the two paths
+  attention the kernels at SD-1.5's shapes, batch 16 (cuDNN on a GPU, Pallas flash on a TPU, against
+            XLA), with the relative difference of each from XLA, forward and gradients
 
 Prints one JSON line per measurement (`side`: bgjax or peer) and a table at the end.
 FLOPs per image forward are the torch FLOP counter's figures at SD-1.5 shapes
@@ -62,15 +63,16 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
     import jax.numpy as jnp
     import optax
 
-    from bgjax.models.attention import dot_product_attention, set_attention_implementation
+    from bgjax.models.attention import dot_product_attention
     from bgjax.models.components import build, init_params
     from bgjax.models.controlnet import controlnet_params_from_unet
+    from bgjax.models.region import Region
 
-    set_attention_implementation(args.attention)
     bf16 = jnp.bfloat16
     sync = jax.block_until_ready
     emit(side="bgjax", what="device", jax=jax.__version__, device=str(jax.devices()[0].device_kind))
-    unet, cnet = build("unet", unet_cfg, bf16), build("controlnet", unet_cfg, bf16)
+    unet = build("unet", unet_cfg, bf16, attention=args.attention)
+    cnet = build("controlnet", unet_cfg, bf16, attention=args.attention)
     k = jax.random.key(0)
     unet_params = jax.jit(lambda k: init_params("unet", unet, k))(k)
     cn_params = controlnet_params_from_unet(unet_params, jax.jit(lambda k: init_params("controlnet", cnet, k))(k))
@@ -143,8 +145,29 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
         compile_s = time.perf_counter() - t0
         dt = median_time(lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond), sync, 3, args.reps)
         fl = 2 * b * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) if args.size == "sd15" else flops_of(compiled)
-        emit(side="bgjax", what="denoise_step_cfg", batch=b, s_per_step=dt, img_per_s_25steps=b / (25 * dt),
-             tflops=fl / dt / 1e12, compile_s=compile_s)
+        emit(side="bgjax", what="denoise_step_cfg", branch="controlnet", batch=b, s_per_step=dt,
+             img_per_s_25steps=b / (25 * dt), tflops=fl / dt / 1e12, compile_s=compile_s)
+
+        # The same step with the paper's CG: the ControlNet's weights, mask-guided cross-attention.
+        cg = build("cg", unet_cfg, bf16, attention=args.attention)
+        mask = jnp.zeros((2 * b, 8 * latent, 8 * latent)).at[:, 2 * latent:6 * latent, 3 * latent:5 * latent].set(1)
+        tokens = jnp.arange(n_ctx)
+        region = Region(mask, jnp.broadcast_to(tokens < 8, (2 * b, n_ctx)).astype(bf16),
+                        jnp.broadcast_to(tokens >= 6, (2 * b, n_ctx)).astype(bf16))
+
+        @jax.jit
+        def denoise_cg(up, cp, x, t, ctx, cond, region):
+            down, mid = cg.apply({"params": cp}, x, t, ctx, cond, 1.0, region)
+            eps = unet.apply({"params": up}, x, t, ctx, down, mid)
+            uncond, text = jnp.split(eps, 2)
+            return uncond + 7.5 * (text - uncond)
+
+        t0 = time.perf_counter()
+        compiled = denoise_cg.lower(unet_bf16, cn_bf16, x, t, ctx, cond, region).compile()
+        compile_s = time.perf_counter() - t0
+        dt = median_time(lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond, region), sync, 3, args.reps)
+        emit(side="bgjax", what="denoise_step_cfg", branch="cg", batch=b, s_per_step=dt,
+             img_per_s_25steps=b / (25 * dt), tflops=fl / dt / 1e12, compile_s=compile_s)
 
     if "vae" in args.what:
         vae = build("vae", vae_cfg, bf16)
@@ -155,25 +178,32 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
         dt = median_time(lambda: decode(vae_params, z), sync, 2, max(3, args.reps // 2))
         emit(side="bgjax", what="vae_decode", batch=args.infer_batch, s=dt)
 
-    if "attention" in args.what and jax.default_backend() == "gpu":
+    kernels = {"gpu": ("cudnn",), "tpu": ("flash",)}.get(jax.default_backend(), ())
+    if "attention" in args.what and kernels:
         # SD-1.5's attention shapes at B=16: self-attention at 64x64, cross-attention to 77
         # tokens (padded for cuDNN), and the 160-wide heads of the 1280-channel level.
         for name, q_shape, kv_len in (("self_4096_h40", (16, 4096, 8, 40), 4096),
                                       ("cross_4096_kv77", (16, 4096, 8, 40), 77),
                                       ("self_256_h160", (16, 256, 8, 160), 256)):
-            ks = jax.random.split(jax.random.key(3), 3)
+            ks = jax.random.split(jax.random.key(3), 4)
             kv_shape = (q_shape[0], kv_len, *q_shape[2:])
             q, kk, v = (jax.random.normal(key, shape, bf16)
                         for key, shape in zip(ks, (q_shape, kv_shape, kv_shape), strict=True))
+            cotangent = jax.random.normal(ks[3], q_shape, bf16)
             outs = {}
-            for impl in ("xla", "cudnn"):
+            for impl in ("xla", *kernels):
                 f = jax.jit(functools.partial(dot_product_attention, implementation=impl))
-                outs[impl] = f(q, kk, v).astype(jnp.float32)
+                grad = jax.jit(jax.grad(lambda q, k, v, f=f, c=cotangent: jnp.sum((f(q, k, v) * c).astype(jnp.float32)),
+                                        argnums=(0, 1, 2)))
+                outs[impl] = [f(q, kk, v)] + list(grad(q, kk, v))
                 dt = median_time(functools.partial(f, q, kk, v), sync, 3, args.reps)
                 fl = 4 * q_shape[0] * q_shape[2] * q_shape[1] * kv_len * q_shape[3]
                 emit(side="bgjax", what="attention", impl=impl, case=name, ms=dt * 1e3, tflops=fl / dt / 1e12)
-            rel = jnp.linalg.norm(outs["cudnn"] - outs["xla"]) / jnp.linalg.norm(outs["xla"])
-            emit(side="bgjax", what="attention_agreement", case=name, rel_err=float(rel))
+            for impl in kernels:
+                rel = [float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+                       for a, b in zip(outs[impl], outs["xla"], strict=True)]
+                emit(side="bgjax", what="attention_agreement", impl=impl, case=name, rel_err_out=rel[0],
+                     rel_err_dq=rel[1], rel_err_dk=rel[2], rel_err_dv=rel[3])
 
 
 # ---------------------------------------------------------------- peer (diffusers + PyTorch)
@@ -275,7 +305,7 @@ def table() -> str:
     for r in RESULTS:
         if r["what"] in ("train_controlnet_step", "denoise_step_cfg"):
             thr = (f"{r['img_per_s']:.1f} img/s" if "img_per_s" in r else f"{r['img_per_s_25steps']:.2f} img/s @25")
-            name = r["what"] + (f" ({r['impl']})" if "impl" in r else "") + f" B={r['batch']}"
+            name = r["what"] + "".join(f" ({r[k]})" for k in ("branch", "impl") if k in r) + f" B={r['batch']}"
             rows.append(f"| {name} | {r['side']} | {r['s_per_step'] * 1e3:.1f} ms | {thr}, {r['tflops']:.3g} TFLOP/s |")
         elif r["what"] == "vae_decode":
             rows.append(f"| vae_decode B={r['batch']} | {r['side']} | {r['s'] * 1e3:.1f} ms | |")
@@ -292,7 +322,7 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--infer-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn", "flash"), default="auto",
                    help="bgjax attention implementation inside the models")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers side")
     p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")

@@ -99,7 +99,8 @@ def main() -> None:
             call()
             times.append(time.perf_counter() - t)
         s = statistics.median(times)
-        print(json.dumps({"what": f"generate {name}", "num_images": args.num_images, "steps": args.steps,
+        print(json.dumps({"side": "bgjax", "what": f"generate_{name.replace('+', '_')}", "batch": args.num_images,
+                          "num_images": args.num_images, "steps": args.steps,
                           "px": side, "first_call_s": round(first, 1), "s": round(s, 3),
                           "img_per_s": round(args.num_images / s, 2), "ms_per_step_upper_bound": round(
                               1000 * s / args.steps, 1)}), flush=True)
