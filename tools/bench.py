@@ -10,7 +10,8 @@ Workloads (random weights, SD-1.5 shapes at 512 px unless --size tiny):
             XLA), with the relative difference of each from XLA, forward and gradients
 
 Prints one JSON line per measurement (`side`: bgjax or peer) and a table at the end.
-FLOPs per image forward are the torch FLOP counter's figures at SD-1.5 shapes
+FLOPs per image forward are the torch FLOP counter's figures at SD-1.5 shapes (a training step with the
+UNet frozen: 2 x UNet + 3 x ControlNet)
 (UNet 803.3 G, ControlNet 283.3 G); at --size tiny XLA's cost analysis is used instead.
 
     python tools/bench.py                       # SD-1.5 shapes, bgjax and (if importable) diffusers
@@ -120,7 +121,7 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
             return loss
 
         dt = median_time(run, sync, 3, args.reps)
-        fl = b * 3 * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) if args.size == "sd15" else flops_of(compiled)
+        fl = b * (2 * UNET_FLOPS_SD15 + 3 * CONTROLNET_FLOPS_SD15) if args.size == "sd15" else flops_of(compiled)
         mem = compiled.memory_analysis()
         emit(side="bgjax", what="train_controlnet_step", batch=b, s_per_step=dt, img_per_s=b / dt,
              tflops=fl / dt / 1e12, compile_s=compile_s,
@@ -263,7 +264,7 @@ def bench_peer(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
 
         dt = median_time(step, sync, 3, args.reps)
         emit(side="peer", what="train_controlnet_step", batch=b, s_per_step=dt, img_per_s=b / dt,
-             tflops=b * 3 * (uf + cf) / dt / 1e12)
+             tflops=b * (2 * uf + 3 * cf) / dt / 1e12)
         del opt
     cnet_bf = cnet.to(torch.bfloat16).eval()
 
