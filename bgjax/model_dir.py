@@ -7,8 +7,10 @@
       vae/ text_encoder/ controlnet/  likewise (controlnet optional)
       tokenizer/ scheduler/           copied verbatim from the source
       cg/ pg/                         the paper's branches (ControlNet configs and params)
-      method.json                     MethodConfig fields and the category vocabulary
+      method.json                     the method's settings and categories (bgjax.method.store)
       identifiers.safetensors         the learned identifier embeddings e_c (rows = categories)
+
+This module depends only on bgjax.models and bgjax.fileio.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from bgjax.convert.checkpoint_io import read_safetensors, write_json, write_safetensors
-from bgjax.convert.errors import CheckpointError
-from bgjax.method.config import MethodConfig
+from bgjax.fileio import CheckpointError, read_safetensors, write_json, write_safetensors
 from bgjax.models.components import COMPONENTS, build, param_shapes
 from bgjax.models.configs import read_config_json
 
@@ -86,23 +86,3 @@ def components(model_dir: Path) -> list[str]:
         raise CheckpointError(f"{model_dir}: not a bgjax model directory (no bgjax.json; "
                               f"convert a diffusers folder with `bgjax convert` first)")
     return [k for k in read_config_json(model_dir / "bgjax.json")["components"] if k in COMPONENTS]
-
-
-IDENTIFIERS_FILE = "identifiers.safetensors"
-
-
-def save_method(model_dir: Path, config: MethodConfig, categories: list[str], identifiers: np.ndarray) -> None:
-    """The method's choices, the category vocabulary and the identifier table (one row per
-    category, or one row when the identifier is shared)."""
-    rows = len(categories) if config.identifiers == "per_category" else 1
-    if np.shape(identifiers)[0] != rows:
-        raise ValueError(f"identifiers: {np.shape(identifiers)[0]} rows for {rows} expected "
-                         f"({config.identifiers}, {len(categories)} categories)")
-    write_json(Path(model_dir) / "method.json", {**config.to_dict(), "categories": list(categories)})
-    write_safetensors(Path(model_dir) / IDENTIFIERS_FILE, {"identifiers": np.asarray(identifiers, np.float32)})
-
-
-def load_method(model_dir: Path) -> tuple[MethodConfig, list[str], np.ndarray]:
-    d = read_config_json(Path(model_dir) / "method.json")
-    categories = d.pop("categories", [])
-    return MethodConfig.from_dict(d), categories, read_safetensors(Path(model_dir) / IDENTIFIERS_FILE)["identifiers"]

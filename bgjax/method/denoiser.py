@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bgjax import model_dir
 from bgjax.method.config import MethodConfig
+from bgjax.method.store import load_method_config
 from bgjax.models.region import Region
 
 
@@ -45,10 +47,8 @@ def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32,
 
     Branches whose folder is absent (a base model, or a stage-1 model without PG) are None.
     """
-    from bgjax import model_dir
-
     model = Path(model)
-    config = model_dir.load_method(model)[0] if (model / "method.json").is_file() else MethodConfig()
+    config = load_method_config(model)
     unet, params = model_dir.load_component(model, "unet", dtype, param_dtype,
                                             region_mode="mask_guided" if config.mask_guided_unet else "none")
     modules, all_params = {"unet": unet}, {"unet": params}

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bgjax import model_dir
-from bgjax.convert.checkpoint_io import write_json
+from bgjax.fileio import write_json
 from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser
 from bgjax.method.prompts import CategoryVocabulary, PromptBuilder, init_identifiers
+from bgjax.method.store import IDENTIFIERS_FILE, load_method, save_method
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from bgjax.models.components import build, init_params
 from bgjax.models.configs import ConfigError, UNetConfig, read_config_json
@@ -123,7 +124,7 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
         tokenizer = load_tokenizer(tokenizer_dir)
         prompts = PromptBuilder(tokenizer, method)
         if base and (base / "method.json").is_file():
-            method, categories, table = model_dir.load_method(base)
+            method, categories, table = load_method(base)
             prompts = PromptBuilder(tokenizer, method)
             missing = sorted(set(data_categories) - set(categories))
             if missing:
@@ -178,9 +179,9 @@ def save_model(models: StageModels, config, params: dict, out: Path, source: str
     if "scheduler" in models.configs:
         write_json(tmp / "scheduler" / "scheduler_config.json", models.configs["scheduler"])
     if "identifiers" in trained:
-        model_dir.save_method(tmp, models.method, models.categories, np.asarray(jax.device_get(params["identifiers"])))
+        save_method(tmp, models.method, models.categories, np.asarray(jax.device_get(params["identifiers"])))
     elif base and (base / "method.json").is_file():
-        for name in ("method.json", model_dir.IDENTIFIERS_FILE):
+        for name in ("method.json", IDENTIFIERS_FILE):
             shutil.copy(base / name, tmp / name)
     (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
     model_dir.write_manifest(tmp, kinds, source)
