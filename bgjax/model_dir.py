@@ -75,14 +75,28 @@ def load_params(folder: Path, shapes: dict, param_dtype: jnp.dtype = jnp.float32
     return unflatten_dict(params)
 
 
-def write_manifest(model_dir: Path, components: list[str], source: str) -> None:
+def write_manifest(model_dir: Path, components: list[str], source: str, provenance: dict | None = None) -> None:
+    """`bgjax.json`. `provenance` says, per component (and `identifiers`), the run that trained or
+    converted it and the runs of the components it was trained against: {kind: {"run": str,
+    "against": {kind: run}}}; by default every component comes from `source`."""
+    provenance = provenance or {k: {"run": source} for k in components}
     write_json(Path(model_dir) / "bgjax.json", {"format": FORMAT, "version": 1, "components": sorted(components),
-                                                "source": source})
+                                                "source": source, "provenance": provenance})
 
 
-def components(model_dir: Path) -> list[str]:
+def read_manifest(model_dir: Path) -> dict:
     model_dir = Path(model_dir)
     if not (model_dir / "bgjax.json").is_file():
         raise CheckpointError(f"{model_dir}: not a bgjax model directory (no bgjax.json; "
                               f"convert a diffusers folder with `bgjax convert` first)")
-    return [k for k in read_config_json(model_dir / "bgjax.json")["components"] if k in COMPONENTS]
+    return read_config_json(model_dir / "bgjax.json")
+
+
+def components(model_dir: Path) -> list[str]:
+    return [k for k in read_manifest(model_dir)["components"] if k in COMPONENTS]
+
+
+def provenance(model_dir: Path) -> dict:
+    """`write_manifest`'s provenance; for a directory written before it was recorded, every component from `source`."""
+    manifest = read_manifest(model_dir)
+    return manifest.get("provenance") or {k: {"run": manifest.get("source", "unknown")} for k in manifest["components"]}

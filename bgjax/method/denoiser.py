@@ -49,11 +49,11 @@ def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32,
     """
     model = Path(model)
     config = load_method_config(model)
-    unet, params = model_dir.load_component(model, "unet", dtype, param_dtype,
-                                            region_mode="mask_guided" if config.mask_guided_unet else "none")
+    unet, params = model_dir.load_component(model, "unet", dtype, param_dtype, **config.module_options("unet"))
     modules, all_params = {"unet": unet}, {"unet": params}
     present = model_dir.components(model)
-    for kind, options in (("cg", {}), ("pg", {"mask_residuals": config.pg_mask_residuals})):
+    for kind in ("cg", "pg"):
         if kind in present:
-            modules[kind], all_params[kind] = model_dir.load_component(model, kind, dtype, param_dtype, **options)
+            modules[kind], all_params[kind] = model_dir.load_component(model, kind, dtype, param_dtype,
+                                                                       **config.module_options(kind))
     return Denoiser(**modules), all_params, config
