@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bgjax.convert.errors import CheckpointError
     from bgjax.data.records import RecordError
+    from bgjax.fileio import CheckpointError
     from bgjax.models.configs import ConfigError
     from bgjax.train import TrainingDiverged
 

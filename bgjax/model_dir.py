@@ -7,8 +7,10 @@
       vae/ text_encoder/ controlnet/  likewise (controlnet optional)
       tokenizer/ scheduler/           copied verbatim from the source
       cg/ pg/                         the paper's branches (ControlNet configs and params)
-      method.json                     MethodConfig fields and the category vocabulary
+      method.json                     the method's settings and categories (bgjax.method.store)
       identifiers.safetensors         the learned identifier embeddings e_c (rows = categories)
+
+This module depends only on bgjax.models and bgjax.fileio.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from bgjax.convert.checkpoint_io import read_safetensors, write_json, write_safetensors
-from bgjax.convert.errors import CheckpointError
-from bgjax.method.config import MethodConfig
+from bgjax.fileio import CheckpointError, read_safetensors, write_json, write_safetensors
 from bgjax.models.components import COMPONENTS, build, param_shapes
 from bgjax.models.configs import read_config_json
 
@@ -75,34 +75,28 @@ def load_params(folder: Path, shapes: dict, param_dtype: jnp.dtype = jnp.float32
     return unflatten_dict(params)
 
 
-def write_manifest(model_dir: Path, components: list[str], source: str) -> None:
+def write_manifest(model_dir: Path, components: list[str], source: str, provenance: dict | None = None) -> None:
+    """`bgjax.json`. `provenance` says, per component (and `identifiers`), the run that trained or
+    converted it and the runs of the components it was trained against: {kind: {"run": str,
+    "against": {kind: run}}}; by default every component comes from `source`."""
+    provenance = provenance or {k: {"run": source} for k in components}
     write_json(Path(model_dir) / "bgjax.json", {"format": FORMAT, "version": 1, "components": sorted(components),
-                                                "source": source})
+                                                "source": source, "provenance": provenance})
 
 
-def components(model_dir: Path) -> list[str]:
+def read_manifest(model_dir: Path) -> dict:
     model_dir = Path(model_dir)
     if not (model_dir / "bgjax.json").is_file():
         raise CheckpointError(f"{model_dir}: not a bgjax model directory (no bgjax.json; "
                               f"convert a diffusers folder with `bgjax convert` first)")
-    return [k for k in read_config_json(model_dir / "bgjax.json")["components"] if k in COMPONENTS]
+    return read_config_json(model_dir / "bgjax.json")
 
 
-IDENTIFIERS_FILE = "identifiers.safetensors"
+def components(model_dir: Path) -> list[str]:
+    return [k for k in read_manifest(model_dir)["components"] if k in COMPONENTS]
 
 
-def save_method(model_dir: Path, config: MethodConfig, categories: list[str], identifiers: np.ndarray) -> None:
-    """The method's choices, the category vocabulary and the identifier table (one row per
-    category, or one row when the identifier is shared)."""
-    rows = len(categories) if config.identifiers == "per_category" else 1
-    if np.shape(identifiers)[0] != rows:
-        raise ValueError(f"identifiers: {np.shape(identifiers)[0]} rows for {rows} expected "
-                         f"({config.identifiers}, {len(categories)} categories)")
-    write_json(Path(model_dir) / "method.json", {**config.to_dict(), "categories": list(categories)})
-    write_safetensors(Path(model_dir) / IDENTIFIERS_FILE, {"identifiers": np.asarray(identifiers, np.float32)})
-
-
-def load_method(model_dir: Path) -> tuple[MethodConfig, list[str], np.ndarray]:
-    d = read_config_json(Path(model_dir) / "method.json")
-    categories = d.pop("categories", [])
-    return MethodConfig.from_dict(d), categories, read_safetensors(Path(model_dir) / IDENTIFIERS_FILE)["identifiers"]
+def provenance(model_dir: Path) -> dict:
+    """`write_manifest`'s provenance; for a directory written before it was recorded, every component from `source`."""
+    manifest = read_manifest(model_dir)
+    return manifest.get("provenance") or {k: {"run": manifest.get("source", "unknown")} for k in manifest["components"]}

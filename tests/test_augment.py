@@ -288,8 +288,8 @@ def assert_bit_identical(got, want, what):
 
 
 def assert_render_matches_numpy(images, masks, params):
-    """pg_render on the batch == render_pg per image, each mixed with the next image of the batch."""
-    c_pg, perturbed = pg_render({"image": images, "mask": masks, **params})
+    """pg_render on the batch == render_pg per image, each mixed with its partner (here the next image)."""
+    c_pg, perturbed = pg_render({"image": images, "pg_partner_image": np.roll(images, -1, 0), "mask": masks, **params})
     for i in range(len(images)):
         want_c, want_m = render_pg(images[i], masks[i], images[(i + 1) % len(images)],
                                    {k: v[i] for k, v in params.items()})
@@ -336,7 +336,7 @@ def test_jax_render_edge_cases_match_numpy():
         "pg_mix_spans": np.stack([full, empty, empty, full, empty, empty]),
     }
     assert_render_matches_numpy(images, masks, params)
-    c_pg, perturbed = pg_render({"image": images, "mask": masks, **params})
+    c_pg, perturbed = pg_render({"image": images, "pg_partner_image": images, "mask": masks, **params})
     assert not np.asarray(perturbed[0]).any() and not np.asarray(c_pg[0]).any()  # shifted out of frame
     assert np.asarray(perturbed[4]).all() and not np.asarray(c_pg[4]).any()  # a hole over everything
 
@@ -349,7 +349,8 @@ def test_jax_dilation_matches_brute_force():
         ks = rng.integers(0, 12, 3).astype(np.int32)
         params = {"pg_dilation": ks, "pg_shift": np.zeros((3, 2), np.int32),
                   "pg_hole_spans": np.zeros((3, 0, h, 2), np.int32), "pg_mix_spans": np.zeros((3, 0, h, 2), np.int32)}
-        _, perturbed = pg_render({"image": np.zeros((3, h, w, 3), np.uint8), "mask": masks, **params})
+        blank = np.zeros((3, h, w, 3), np.uint8)
+        _, perturbed = pg_render({"image": blank, "pg_partner_image": blank, "mask": masks, **params})
         for i in range(3):
             np.testing.assert_array_equal(perturbed[i], brute_dilate(masks[i], int(ks[i])))
 

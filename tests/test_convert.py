@@ -18,7 +18,7 @@ from transformers import CLIPTextModel
 from bgjax import model_dir
 from bgjax.cli import main
 from bgjax.convert.checkpoint_io import read_weights
-from bgjax.convert.errors import CheckpointError
+from bgjax.fileio import CheckpointError
 from tests.torch_reference import state_dict
 
 LOADERS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "controlnet": ControlNetModel,

@@ -24,12 +24,12 @@ from transformers import CLIPVisionModelWithProjection as TorchCLIPVision
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from bgjax.cli import main
-from bgjax.convert.errors import CheckpointError
 from bgjax.eval.clip_similarity import background_similarity, mask_products
 from bgjax.eval.clip_vision import CLIP_STD, CLIPVisionConfig, CLIPVisionModelWithProjection, preprocess
 from bgjax.eval.fid import ActivationStatistics, clean_resize, frechet_distance, inception_features
 from bgjax.eval.inception import FIDInceptionV3, resize_bilinear
 from bgjax.eval.weights import clip_vision_params, inception_params, load_clip_vision, load_inception
+from bgjax.fileio import CheckpointError
 from bgjax.models.configs import ConfigError
 from tests.torch_fid_inception import FIDInceptionV3 as TorchFIDInception
 from tests.torch_fid_inception import randomize_inception

@@ -19,6 +19,7 @@ from bgjax import model_dir
 from bgjax.cli import main
 from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.method.config import MethodConfig
+from bgjax.method.store import save_method
 from bgjax.sampling.pipeline import BackgroundPipeline, traces
 from tests.conftest import save_diffusers_folder, tiny_torch_pipeline
 from tests.torch_reference import CLIP_SD1_TINY, randomize
@@ -53,7 +54,7 @@ def model(tmp_path_factory) -> Path:
     save_diffusers_folder(models, root / "src")
     import_diffusers(root / "src", root / "model")
     table = np.random.default_rng(0).standard_normal((len(CATEGORIES), 32)).astype(np.float32)
-    model_dir.save_method(root / "model", MethodConfig(), CATEGORIES, table)
+    save_method(root / "model", MethodConfig(), CATEGORIES, table)
     return root / "model"
 
 
@@ -214,7 +215,7 @@ def test_base_model_and_shared_identifier(model, photo, tmp_path):
 
     shared = tmp_path / "shared"
     shutil.copytree(model, shared)
-    model_dir.save_method(shared, MethodConfig(identifiers="shared"), CATEGORIES, np.zeros((1, 32), np.float32))
+    save_method(shared, MethodConfig(identifiers="shared"), CATEGORIES, np.zeros((1, 32), np.float32))
     prepared = BackgroundPipeline.from_pretrained(shared).prepare(photo["image"], photo["mask"], "teapot")
     assert prepared.category == "teapot" and prepared.prompt.text.startswith("A photo of teapot")
 

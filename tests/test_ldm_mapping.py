@@ -12,12 +12,12 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 
-from bgjax.convert.errors import CheckpointError
 from bgjax.convert.ldm import (
     diffusers_to_ldm,
     infer_configs,
     split_ldm_checkpoint,
 )
+from bgjax.fileio import CheckpointError
 
 # SD-1 style: conv proj_in, 8 heads, CLIP (768-d) context; attention only on the first level.
 UNET_SD1 = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,

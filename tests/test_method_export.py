@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser, load_denoiser
 from bgjax.method.prompts import PromptBuilder, embed_with_identifiers
+from bgjax.method.store import load_method, save_method
 from bgjax.models.region import Region
 from bgjax.models.text_encoder import load_tokenizer
 from bgjax.torch_compat import BackgroundDenoiser
@@ -36,7 +39,7 @@ def exported(tmp_path_factory):
     import_diffusers(root / "src", root / "model")
     hidden = models["text_encoder"].config.hidden_size
     table = np.random.default_rng(0).standard_normal((len(CATEGORIES), hidden)).astype(np.float32)
-    model_dir.save_method(root / "model", MethodConfig(), CATEGORIES, table)
+    save_method(root / "model", MethodConfig(), CATEGORIES, table)
     assert main(["export", str(root / "model"), "--out", str(root / "out")]) == 0
     return root
 
@@ -61,8 +64,8 @@ def test_exported_branches_match_bgjax_in_diffusers(exported, mask_guided_unet, 
     x = _inputs(builder)
     region = Region(x["mask"], x["prompts"]["fg_tokens"], x["prompts"]["bg_tokens"])
 
-    config, categories, table = model_dir.load_method(model)
-    model_dir.save_method(model, dataclasses.replace(config, mask_guided_unet=mask_guided_unet,
+    config, categories, table = load_method(model)
+    save_method(model, dataclasses.replace(config, mask_guided_unet=mask_guided_unet,
                                                      pg_mask_residuals=pg_mask_residuals), categories, table)
     denoiser, params, _ = load_denoiser(model)
     assert denoiser.pg.mask_residuals == pg_mask_residuals
@@ -88,7 +91,7 @@ def test_exported_branches_match_bgjax_in_diffusers(exported, mask_guided_unet, 
 
 def test_identifiers_load_as_textual_inversion_and_encode_alike(exported):
     model, out = exported / "model", exported / "out"
-    config, categories, table = model_dir.load_method(model)
+    config, categories, table = load_method(model)
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     files = sorted((out / "textual_inversion").glob("*.safetensors"))
     assert len(files) == len(CATEGORIES)
@@ -110,3 +113,10 @@ def test_identifiers_load_as_textual_inversion_and_encode_alike(exported):
     with torch.no_grad():
         theirs = pipe.text_encoder(torch_ids).last_hidden_state.numpy()
     assert rel_err(ours, theirs) <= 1e-5
+
+
+def test_model_dir_depends_only_on_models_and_fileio():
+    """bgjax.model_dir is a leaf over bgjax.models and bgjax.fileio (no method/, convert/, train/)."""
+    code = "import sys, bgjax.model_dir; print(sorted(m for m in sys.modules if m.startswith('bgjax')))"
+    loaded = eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert {m for m in loaded if not m.startswith("bgjax.models")} == {"bgjax", "bgjax.fileio", "bgjax.model_dir"}

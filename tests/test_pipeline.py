@@ -60,7 +60,8 @@ def test_batches_have_the_documented_shapes(catalogue, fmt):
     holes, mixes = cfg.rect_count[1] + cfg.blob_count[1], cfg.mix_count[1]
     assert {k: (v.shape, v.dtype) for k, v in batch.items() if k.startswith("pg_")} == {
         "pg_dilation": ((4,), np.int32), "pg_shift": ((4, 2), np.int32),
-        "pg_hole_spans": ((4, holes, 32, 2), np.int32), "pg_mix_spans": ((4, mixes, 32, 2), np.int32)}
+        "pg_hole_spans": ((4, holes, 32, 2), np.int32), "pg_mix_spans": ((4, mixes, 32, 2), np.int32),
+        "pg_partner_image": ((4, 32, 32, 3), np.uint8)}
     c_pg, perturbed = (np.asarray(a) for a in pg_render(batch))
     assert c_pg.shape == (4, 32, 32, 3) and c_pg.dtype == np.float32
     assert np.abs(c_pg).max() <= 1.0 and (c_pg[perturbed] == 0).all()
@@ -142,9 +143,35 @@ def test_pg_condition_rebuilds_the_augmentation_exactly():
     masks = np.zeros((3, 40, 40), np.uint8)
     masks[:, 10:25, 12:30] = 1
     cfg = PGAugmentConfig(max_shift=0.2, mix_probability=1.0)
-    batch = PGPerturb(cfg).random_map({"image": images, "mask": masks}, np.random.default_rng(5))
+    draw = np.random.default_rng(5)
+    examples = [PGPerturb(cfg).random_map({"image": images[i], "mask": masks[i]}, draw) for i in range(3)]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch["pg_partner_image"] = images[[1, 2, 0]]
     c_pg = np.asarray(jax.jit(pg_condition)(batch))
     replay = np.random.default_rng(5)
     for i in range(3):
         want, _ = pg_augment(images[i], masks[i], images[(i + 1) % 3], replay, cfg)
         np.testing.assert_array_equal(c_pg[i], want)
+
+
+def test_pg_partner_is_drawn_per_example_whatever_the_layout(catalogue):
+    """An example's PG partner image and parameters depend on its stream position only: batches of 4
+    on one process and of 2 on each of two processes give the same per example (a partner taken
+    from the batch, like the next image, would change with the layout)."""
+    root, prompts = catalogue
+    cfg = PGAugmentConfig(mix_probability=1.0)
+
+    def batches(size, index=0, count=1):
+        config = PipelineConfig(batch_size=size, seed=3, crop=CropConfig(resolution=32), pg=cfg)
+        return _take(iter(make_dataset(root / "arrayrecord", config, prompts, index, count)), 8 // size // count)
+
+    def by_example(bs):
+        return {int(s): {k: b[k][j] for k in ("image", "pg_partner_image", "pg_mix_spans")}
+                for b in bs for j, s in enumerate(b["example_seed"])}
+
+    one, two = by_example(batches(4)), by_example(batches(2, 0, 2) + batches(2, 1, 2))
+    assert sorted(one) == sorted(two) == list(range(8))
+    for seed, want in one.items():
+        for key, value in want.items():
+            np.testing.assert_array_equal(two[seed][key], value, err_msg=f"{key} of example {seed}")
+    assert sum(not np.array_equal(e["pg_partner_image"], e["image"]) for e in one.values()) >= 6  # another record

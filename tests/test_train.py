@@ -1,5 +1,5 @@
-"""The trainer: exact resume after SIGTERM and SIGKILL, sharded and multi-process equivalence,
-restore onto another mesh, NaN handling, config overrides. Tiny models at 32 px on the CPU."""
+"""The trainer: exact resume after SIGTERM and SIGKILL, multi-process equivalence, NaN handling,
+config overrides (meshes and restores onto another mesh: test_train_meshes.py). Tiny models at 32 px on the CPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -89,84 +88,6 @@ def test_sigterm_and_kill_resume_exactly(tmp_path, data_dir):
     assert got == expected  # bit for bit
     ref, res = (load_file(d / "model" / "cg" / "params.safetensors") for d in (reference, run))
     assert all(np.array_equal(ref[k], res[k]) for k in ref)
-
-
-SHARDED = textwrap.dedent("""
-    import json, sys
-    import jax, numpy as np
-    from pathlib import Path
-    from bgjax.data.convert import read_manifest
-    from bgjax.train import sharding
-    from bgjax.train.checkpoint import Checkpoints
-    from bgjax.train.config_file import load_config
-    from bgjax.train.loop import Trainer, data_iterator
-    from bgjax.train.models import load_stage
-
-    config_path, data_dir, workdir = sys.argv[1:4]
-    config = load_config(Path(config_path), sys.argv[4:])
-    categories = read_manifest(Path(data_dir))["categories"]
-    models, trained, frozen = load_stage(config, categories, jax.numpy.float32, Path(workdir))
-    empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()}
-    batches = data_iterator(config, Path(data_dir), models.prompt_tables(categories))
-    local = [next(batches) for _ in range(4)]
-    devices = jax.devices()
-    meshes = {"1 device": dict(data=1, devices=devices[:1]), "data 8": dict(data=8), "fsdp 8": dict(data=1, fsdp=8),
-              "data 2 fsdp 4": dict(data=2, fsdp=4), "tensor 8": dict(data=1, tensor=8)}
-
-    def run(trainer, state, batches):
-        losses, placed = [], trainer.place(frozen)
-        for b in batches:
-            state, m = trainer.step(state, placed, sharding.global_batch(b, trainer.mesh))
-            losses.append(float(m["loss"]))
-        return state, losses
-
-    out = {}
-    for name, kw in meshes.items():
-        mesh = sharding.make_mesh(**kw)
-        trainer = Trainer(config, models, trained, frozen, empty, mesh)
-        state, losses = run(trainer, trainer.fresh_state(trained), local)
-        flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
-        shards = {str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 4}
-        out[name] = {"losses": losses, "params": flat.tolist()[:: max(1, flat.size // 20000)], "specs": sorted(shards)}
-
-    # Save on the FSDP mesh after 2 steps, restore onto the data-parallel mesh, take 2 more steps.
-    fsdp = Trainer(config, models, trained, frozen, empty, sharding.make_mesh(data=1, fsdp=8))
-    state, _ = run(fsdp, fsdp.fresh_state(trained), local[:2])
-    ckpt = Checkpoints(Path(workdir) / "ckpt", keep=1)
-    ckpt.save(2, state, batches, config.to_dict())
-    ckpt.wait()
-    dp = Trainer(config, models, trained, frozen, empty, sharding.make_mesh(data=8))
-    restored = ckpt.restore(2, dp.abstract_state, batches)
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state)),
-                                                      jax.tree.leaves(jax.device_get(restored))))
-    placed = {str(x.sharding.spec) for x in jax.tree.leaves(restored.opt_state) if x.ndim == 4}
-    _, losses = run(dp, restored, local[2:])
-    out["restored"] = {"identical": same, "losses": losses, "specs": sorted(placed)}
-    print("RESULT" + json.dumps(out))
-""")
-
-
-def test_sharded_steps_match_one_device_and_restore_onto_another_mesh(tmp_path, data_dir):
-    """8 simulated devices: data parallel, FSDP, both, and tensor sharding give one device's losses
-    and params (fp32, relative 1e-5); a checkpoint from the FSDP mesh restores bit-exactly onto the
-    data-parallel one and continues as the uninterrupted run."""
-    script = tmp_path / "sharded.py"
-    script.write_text(SHARDED)
-    proc = subprocess.run([sys.executable, str(script), str(CONFIG), str(data_dir), str(tmp_path),
-                           f"--config.data.dir={data_dir}", *SMALL[:2], "--config.optim.warmup_steps=0"],
-                          env=_env(8), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
-    ref = out["1 device"]
-    for name in ("data 8", "fsdp 8", "data 2 fsdp 4", "tensor 8"):
-        np.testing.assert_allclose(out[name]["losses"], ref["losses"], rtol=1e-5, err_msg=name)
-        a, b = np.asarray(out[name]["params"]), np.asarray(ref["params"])
-        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, name
-    assert any("fsdp" in s for s in out["fsdp 8"]["specs"])  # optimizer state really is sharded
-    assert any("tensor" in s for s in out["tensor 8"]["specs"])
-    assert out["restored"]["identical"]
-    assert not any("fsdp" in s for s in out["restored"]["specs"])  # placed for the new mesh
-    np.testing.assert_allclose(out["restored"]["losses"], ref["losses"][2:], rtol=1e-5)
 
 
 def _free_port() -> int:

@@ -1,30 +1,17 @@
-"""Reading and writing weight files safely: safetensors, and torch pickles without running code."""
+"""Reading outside weight files safely: safetensors (one file or sharded), torch pickles without running code."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from bgjax.convert.errors import CheckpointError
+from bgjax.fileio import CheckpointError, read_safetensors
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        # The flax framework hands back bf16 too, which numpy's cannot.
-        with safe_open(str(path), framework="flax") as f:
-            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
@@ -86,28 +73,3 @@ def find_weights(folder: Path) -> Path:
         if found:
             return found[0]
     raise CheckpointError(f"{folder}: no weights file (*.safetensors or *.bin)")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename into place, so a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save_file
-
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))

@@ -10,9 +10,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bgjax import model_dir
-from bgjax.convert.checkpoint_io import find_weights, read_weights, write_json, write_safetensors
-from bgjax.convert.errors import CheckpointError
+from bgjax.convert.checkpoint_io import find_weights, read_weights
 from bgjax.convert.torch_layout import params_to_state_dict, state_dict_to_params
+from bgjax.fileio import CheckpointError, write_json, write_safetensors
+from bgjax.method.store import load_method
 from bgjax.models.components import COMPONENTS, build, param_shapes
 from bgjax.models.configs import ConfigError, read_config_json
 
@@ -126,7 +127,7 @@ def identifier_tokens(categories: list[str], shared: bool) -> list[str]:
 
 def export_identifiers(model: Path, out: Path) -> list[str]:
     """One diffusers textual-inversion file per identifier token (diffusers loads one token per file)."""
-    config, categories, table = model_dir.load_method(model)
+    config, categories, table = load_method(model)
     tokens = identifier_tokens(categories, config.identifiers == "shared")
     for i, (token, row) in enumerate(zip(tokens, table, strict=True)):
         write_safetensors(out / f"{i:04d}.safetensors", {token: row}, metadata={"format": "pt"})

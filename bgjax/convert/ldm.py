@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bgjax.convert.errors import CheckpointError
+from bgjax.fileio import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -9,10 +9,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from bgjax import model_dir
-from bgjax.convert.checkpoint_io import read_weights, write_json
+from bgjax.convert.checkpoint_io import read_weights
 from bgjax.convert.diffusers_folder import REQUIRED, convert_component
-from bgjax.convert.errors import CheckpointError
 from bgjax.convert.ldm import split_ldm_checkpoint
+from bgjax.fileio import CheckpointError, write_json
 from bgjax.models.configs import read_config_json
 
 _log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from bgjax.convert.errors import CheckpointError
+from bgjax.fileio import CheckpointError
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bgjax.convert.checkpoint_io import write_json
 from bgjax.data import records
 from bgjax.data.example import encode_example
 from bgjax.data.images import Rejected, encode_jpeg, encode_png, load_image, load_mask
 from bgjax.data.sources import InputItem, Listing
+from bgjax.fileio import write_json
 
 MANIFEST = "manifest.json"
 

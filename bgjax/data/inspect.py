@@ -37,7 +37,8 @@ def inspect_dataset(data_dir: Path, num: int = 16, resolution: int = 128, seed: 
     if crops:  # the training path: parameters drawn as the loader does, rendered as the trainer does
         images, masks = np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
         conds, pg_masks = (np.asarray(a) for a in pg_render(
-            {"image": images, "mask": masks, **draw_pg_batch(masks, rng, pg_cfg)}))
+            {"image": images, "pg_partner_image": np.roll(images, -1, axis=0), "mask": masks,
+             **draw_pg_batch(masks, rng, pg_cfg)}))
     for i, (image, mask) in enumerate(crops):
         original = np.asarray(Image.fromarray(samples[i][0]).resize((resolution, resolution)))
         original_mask = np.asarray(Image.fromarray(samples[i][1]).resize((resolution, resolution)))

@@ -16,12 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bgjax import model_dir
-from bgjax.convert.checkpoint_io import write_json
 from bgjax.data import records
 from bgjax.data.augment import CropConfig, crop_resize, to_float
 from bgjax.data.convert import MANIFEST, read_manifest, sha256_file
 from bgjax.data.example import decode_example, encode_example
 from bgjax.data.images import decode_mask, decode_rgb, encode_png
+from bgjax.fileio import write_json
 
 
 def cache_latents(data_dir: Path, model: Path, out: Path, resolution: int = 512, batch_size: int = 8,

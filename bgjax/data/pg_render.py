@@ -1,14 +1,14 @@
 """PG's perturbed reference rendered on the accelerator, from parameters the loader drew.
 
-The loader (`bgjax.data.pipeline.PGPerturb`) adds `draw_pg_batch`'s small arrays to each batch;
-the trainer calls `pg_condition(batch)` inside its jitted step. The render equals the numpy
+The loader (`bgjax.data.pipeline.PGPerturb`) adds `draw_pg_params`' small arrays and the partner
+image to each example; the trainer calls `pg_condition(batch)` inside its jitted step. The render equals the numpy
 reference `bgjax.data.augment.render_pg` bit for bit on any backend: shapes are integer row spans
 (compared with integer pixel coordinates), the dilation a window count from integer prefix sums,
 the shift a gather, and uint8 -> [-1, 1] a lookup of numpy's own 256 values, so no floating-point
 rounding (fused multiply-adds, reciprocal division) can differ.
 
-Each image is mixed with the next image of the batch it is rendered in (the last with the first);
-in a batch sharded over devices that moves one image per shard (a collective permute, no gather).
+Each image is mixed with its own `pg_partner_image`, which the loader drew for that example, so
+the render does not depend on how the batch is laid out over devices, processes or micro-batches.
 """
 
 from __future__ import annotations
@@ -63,17 +63,15 @@ def _render_one(image, partner, mask, k, shift, hole_spans, mix_spans):
     return _translate(c_pg, shift[0], shift[1]), _translate(hole, shift[0], shift[1])
 
 
-@jax.jit
-def _render(image, mask, dilation, shift, hole_spans, mix_spans):
-    partner = jnp.roll(image, -1, axis=0)
-    return jax.vmap(_render_one)(image, partner, mask, dilation, shift, hole_spans, mix_spans)
+_render = jax.jit(jax.vmap(_render_one))
 
 
 def pg_render(batch: Mapping[str, np.ndarray | jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(c_pg (B, H, W, 3) float32 in [-1, 1], M' (B, H, W) bool) from a batch's `image` (B, H, W, 3)
-    uint8, `mask` (B, H, W) (nonzero: product) and `pg_*` parameters (see `draw_pg_params`)."""
-    return _render(batch["image"], batch["mask"], batch["pg_dilation"], batch["pg_shift"],
-                   batch["pg_hole_spans"], batch["pg_mix_spans"])
+    uint8, `pg_partner_image` (B, H, W, 3) uint8, `mask` (B, H, W) (nonzero: product) and `pg_*`
+    parameters (see `draw_pg_params`)."""
+    return _render(batch["image"], batch["pg_partner_image"], batch["mask"], batch["pg_dilation"],
+                   batch["pg_shift"], batch["pg_hole_spans"], batch["pg_mix_spans"])
 
 
 def pg_condition(batch: Mapping[str, np.ndarray | jax.Array]) -> jax.Array:

@@ -10,8 +10,9 @@ A batch is a dict of numpy arrays:
     input_ids (B, 77) int32, fg_tokens / bg_tokens (B, 77) float32, identifier_index (B,) int32,
     and with PG augmentation the perturbation's parameters (`augment.draw_pg_params`):
     pg_dilation (B,) int32, pg_shift (B, 2) int32, pg_hole_spans (B, S_hole, R, 2) int32 and
-    pg_mix_spans (B, S_mix, R, 2) int32, from which `bgjax.data.pg_render.pg_condition(batch)`
-    renders c_pg (B, R, R, 3) float32 in [-1, 1] on the accelerator.
+    pg_mix_spans (B, S_mix, R, 2) int32, and the image mixed into its regions, pg_partner_image
+    (B, R, R, 3) uint8, from which `bgjax.data.pg_render.pg_condition(batch)` renders c_pg
+    (B, R, R, 3) float32 in [-1, 1] on the accelerator.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize_encoded, draw_pg_batch
+from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize_encoded, draw_pg_params
 from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
@@ -91,18 +92,48 @@ class Crop(grain.transforms.RandomMap):
         return {**element, "image": image, "mask": (mask > 127).view(np.uint8)}
 
 
+class Partners:
+    """The image PG mixes into an example's reference regions: a record drawn at random from the
+    whole data set, keyed by the example's stream position like every draw (so the same on any
+    number of devices or processes, with or without micro-batches), decoded and cropped as a
+    training example is (`crop` None: latent-cache records hold their crops already)."""
+
+    def __init__(self, source, crop: CropConfig | None, seed: int):
+        self.source, self.crop, self.seed = source, crop, seed
+
+    def __call__(self, element: dict) -> np.ndarray:
+        rng = example_rng(self.seed, 2, element, None)
+        ex = decode_example(self.source[int(rng.integers(len(self.source)))])
+        image, mask = ex["image"][0], ex["mask"][0]
+        if self.crop is None:
+            return decode_rgb(image)
+        return crop_resize_encoded(image, mask, rng, self.crop)[0]
+
+
 class PGPerturb(grain.transforms.RandomMap):
-    """PG's self-supervised reference: only its random parameters are drawn here (a few KB per
-    image); the pixels are rendered on the accelerator (`bgjax.data.pg_render.pg_condition`),
-    each image mixed with the next one in its batch."""
+    """PG's self-supervised reference: only its random parameters (a few KB per image) and the
+    partner image are drawn here; the pixels are rendered on the accelerator
+    (`bgjax.data.pg_render.pg_condition`). Without `partners` (TFRecord: no random access), the
+    partner is the next image of the local batch (`NextInBatch`)."""
 
-    def __init__(self, cfg: PGAugmentConfig, seed: int | None = None):
-        self.cfg, self.seed = cfg, seed
+    def __init__(self, cfg: PGAugmentConfig, seed: int | None = None, partners: Partners | None = None):
+        self.cfg, self.seed, self.partners = cfg, seed, partners
 
-    def random_map(self, batch: dict, rng: np.random.Generator) -> dict:
-        if self.seed is not None:
-            rng = [example_rng(self.seed, 1, {"example_seed": s}, rng) for s in batch["example_seed"]]
-        return {**batch, **draw_pg_batch(batch["mask"], rng, self.cfg)}
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        params = draw_pg_params(element["mask"], example_rng(self.seed, 1, element, rng), self.cfg)
+        if self.partners is None:
+            return {**element, **params}
+        # an example that mixes nothing in (most, by default) reads no partner record
+        mixes = (params["pg_mix_spans"][..., 1] > params["pg_mix_spans"][..., 0]).any()
+        return {**element, **params, "pg_partner_image": self.partners(element) if mixes else element["image"]}
+
+
+class NextInBatch(grain.transforms.Map):
+    """TFRecord streams have no positions to draw a partner from: each image is mixed with the next
+    of its (local) batch, the last with the first."""
+
+    def map(self, batch: dict) -> dict:
+        return {**batch, "pg_partner_image": np.roll(batch["image"], -1, axis=0)}
 
 
 def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndarray], process_index: int = 0,
@@ -116,15 +147,16 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
         raise ValueError(f"{data_dir}: the manifest lists no records")
     crop = "latents" not in manifest  # latent caches hold crops already
     if manifest["format"] == "arrayrecord":
-        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).seed(cfg.seed).shuffle()
+        source = grain.sources.ArrayRecordDataSource(paths)
+        ds = grain.MapDataset.source(source).seed(cfg.seed).shuffle()
         ds = ds.repeat(cfg.num_epochs).map_with_index(_with_position)
         ds = ds[process_index::process_count].map(Decode(prompts, encoded=crop))
         if crop:
             ds = ds.random_map(Crop(cfg.crop, cfg.seed))
-        ds = ds.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
-            ds = ds.random_map(PGPerturb(cfg.pg, cfg.seed))
-        it = ds.to_iter_dataset()
+            partners = Partners(source, cfg.crop if crop else None, cfg.seed)
+            ds = ds.random_map(PGPerturb(cfg.pg, cfg.seed, partners))
+        it = ds.batch(cfg.batch_size, drop_remainder=True).to_iter_dataset()
     else:
         files = grain.MapDataset.source(paths).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
         files = files[process_index::process_count].map(grain.experimental.TFRecordIterDataset)
@@ -132,9 +164,11 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
         it = it.map(Decode(prompts, encoded=crop))
         if crop:
             it = it.random_map(Crop(cfg.crop), seed=cfg.seed)
-        it = it.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
             it = it.random_map(PGPerturb(cfg.pg), seed=cfg.seed + 1)
+        it = it.batch(cfg.batch_size, drop_remainder=True)
+        if cfg.pg is not None:
+            it = it.map(NextInBatch())
     if cfg.workers:
         from absl import flags
 

@@ -56,7 +56,6 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from bgjax import __version__, model_dir
-from bgjax.convert.checkpoint_io import atomic_write, write_json
 from bgjax.data.convert import read_manifest
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
@@ -64,6 +63,7 @@ from bgjax.data.records import read_records
 from bgjax.eval.features import FeatureExtractor
 from bgjax.eval.fid import ActivationStatistics, frechet_distance, frechet_distance_of_features
 from bgjax.eval.report import markdown_table, tsne_figure
+from bgjax.fileio import atomic_write, write_json
 from bgjax.sampling.generate import THUMB, contact_sheet
 from bgjax.sampling.pipeline import BackgroundPipeline
 from bgjax.sampling.schedulers import SAMPLERS

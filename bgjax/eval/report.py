@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgjax.convert.checkpoint_io import atomic_write
+from bgjax.fileio import atomic_write
 
 TABLES = {"bg1k": ("Table 1", "BG1K"), "bgpair": ("Table 2", "BG-pair")}
 MIN_TSNE_POINTS = 4

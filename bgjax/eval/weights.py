@@ -22,10 +22,10 @@ import numpy as np
 
 from bgjax import model_dir
 from bgjax.convert.checkpoint_io import find_weights, read_weights
-from bgjax.convert.errors import CheckpointError
 from bgjax.convert.torch_layout import state_dict_to_params
 from bgjax.eval.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from bgjax.eval.inception import FID_SIZE, FIDInceptionV3
+from bgjax.fileio import CheckpointError
 from bgjax.models.configs import ConfigError, read_config_json
 
 INCEPTION_CONFIG = {"model_type": "fid_inception_v3"}

@@ -45,3 +45,22 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def module_options(self, kind: str) -> dict:
+        """The module fields of component `kind` that the method decides (`components.build`'s options):
+        training, saving and `load_denoiser` all build through this."""
+        if kind == "unet":
+            return {"region_mode": "mask_guided" if self.mask_guided_unet else "none"}
+        if kind == "pg":
+            return {"mask_residuals": self.pg_mask_residuals}
+        return {}
+
+
+# The component whose training a field shapes: the prompt's fields shape the identifiers e_c,
+# mask-guided UNet attention and lambda_cg what CG learned to add, the rest PG. A later stage may
+# only change the fields of the components it trains.
+FIELD_OWNERS = {"mask_guided_unet": "cg", "lambda_cg": "cg", "pg_mask_residuals": "pg", "lambda_pg": "pg"}
+
+
+def field_owner(name: str) -> str:
+    return FIELD_OWNERS.get(name, "identifiers")

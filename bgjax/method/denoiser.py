@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bgjax import model_dir
 from bgjax.method.config import MethodConfig
+from bgjax.method.store import load_method_config
 from bgjax.models.attention import Implementation
 from bgjax.models.region import Region
 
@@ -46,16 +48,15 @@ def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.
 
     Branches whose folder is absent (a base model, or a stage-1 model without PG) are None.
     """
-    from bgjax import model_dir
-
     model = Path(model)
-    config = model_dir.load_method(model)[0] if (model / "method.json").is_file() else MethodConfig()
+    config = load_method_config(model)
     unet, params = model_dir.load_component(model, "unet", dtype, param_dtype, attention=attention,
-                                            region_mode="mask_guided" if config.mask_guided_unet else "none")
+                                            **config.module_options("unet"))
     modules, all_params = {"unet": unet}, {"unet": params}
     present = model_dir.components(model)
-    for kind, options in (("cg", {}), ("pg", {"mask_residuals": config.pg_mask_residuals})):
+    for kind in ("cg", "pg"):
         if kind in present:
             modules[kind], all_params[kind] = model_dir.load_component(model, kind, dtype, param_dtype,
-                                                                       attention=attention, **options)
+                                                                       attention=attention,
+                                                                       **config.module_options(kind))
     return Denoiser(**modules), all_params, config

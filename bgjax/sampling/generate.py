@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
 from bgjax import __version__
-from bgjax.convert.checkpoint_io import atomic_write, write_json
+from bgjax.fileio import atomic_write, write_json
 from bgjax.sampling.pipeline import DEFAULT_PLACEMENT, BackgroundPipeline, Prepared
 from bgjax.sampling.schedulers import SAMPLERS
 

@@ -37,6 +37,7 @@ from bgjax.method.conditions import product_condition, reference_condition
 from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser, load_denoiser
 from bgjax.method.prompts import CategoryVocabulary, Prompt, PromptBuilder, embed_with_identifiers
+from bgjax.method.store import load_method
 from bgjax.models.attention import Implementation
 from bgjax.models.configs import read_config_json
 from bgjax.models.region import Region, RegionMode
@@ -286,7 +287,7 @@ class BackgroundPipeline:
         vae, vae_params = model_dir.load_component(model, "vae", dtype, dtype, attention=attention)
         categories, identifiers = None, None
         if (model / "method.json").is_file():
-            _, categories, identifiers = model_dir.load_method(model)
+            _, categories, identifiers = load_method(model)
         params = {"denoiser": denoiser_params, "text_encoder": text_params, "vae": vae_params,
                   "identifiers": identifiers}
         return cls(model, Models(denoiser, text_encoder, vae), params, load_tokenizer(model / "tokenizer"),

@@ -22,7 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
     # the fields that differ from the UNet's ControlNet config. `tokenizer = "byte"` writes bgjax's
     # byte-level tokenizer; `scheduler` is a diffusers scheduler config dict.
     c.init = ml_collections.ConfigDict()
-    c.method = dataclasses.asdict(MethodConfig())
+    # MethodConfig's fields; unset (None): the base model's method.json, else MethodConfig's default
+    # (a stage may change only the fields of what it trains: bgjax.train.models.stage_method).
+    c.method = ml_collections.ConfigDict({f.name: ml_collections.config_dict.placeholder(type(f.default))
+                                          for f in dataclasses.fields(MethodConfig)})
     c.dtype = "bfloat16"  # compute dtype; trained params stay float32
     c.attention = "auto"  # attention kernel: auto (per backend), xla, cudnn or flash (bgjax.models.attention)
     c.seed = 0

@@ -1,6 +1,10 @@
 """The models of a training stage: loaded from a base model directory or created from configs,
 split into trained params (float32 masters) and frozen ones (in the compute dtype), and written
-back as a bgjax model directory when training ends."""
+back as a bgjax model directory when training ends.
+
+One `MethodConfig` per stage (`stage_method`) builds the modules, the prompts, and is what the
+exported `method.json` holds, so `load_denoiser` serves what was trained.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bgjax
 from bgjax import model_dir
-from bgjax.convert.checkpoint_io import write_json
-from bgjax.method.config import MethodConfig
+from bgjax.fileio import write_json
+from bgjax.method.config import MethodConfig, field_owner
 from bgjax.method.denoiser import Denoiser
 from bgjax.method.prompts import CategoryVocabulary, PromptBuilder, init_identifiers
+from bgjax.method.store import METHOD_FILE, load_method, load_method_config, save_method
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from bgjax.models.components import build, init_params
 from bgjax.models.configs import ConfigError, UNetConfig, read_config_json
@@ -28,10 +34,21 @@ from bgjax.models.controlnet import controlnet_params_from_unet
 from bgjax.models.text_encoder import load_tokenizer
 from bgjax.sampling.schedulers import NoiseSchedule
 
-# What each stage trains; identifiers belong to the stage that learns the categories.
-TRAINED = {"vae": ("vae",), "unet": ("unet",), "cg": ("cg", "identifiers"), "pg": ("pg",)}
-NEEDED = {"vae": ("vae",), "unet": ("vae", "text_encoder", "unet"), "cg": ("vae", "text_encoder", "unet", "cg"),
-          "pg": ("vae", "text_encoder", "unet", "pg")}
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    trains: tuple[str, ...]  # identifiers belong to the stage that learns the categories
+    needs: tuple[str, ...]  # loaded from the base model, or created
+    uses: tuple[str, ...] = ()  # loaded, frozen, when the base model has them
+
+
+STAGES = {
+    "vae": Stage(trains=("vae",), needs=("vae",)),
+    "unet": Stage(trains=("unet",), needs=("vae", "text_encoder", "unet")),
+    "cg": Stage(trains=("cg", "identifiers"), needs=("vae", "text_encoder", "unet", "cg")),
+    "pg": Stage(trains=("pg",), needs=("vae", "text_encoder", "unet", "pg"), uses=("cg",)),  # stage 1's CG, frozen
+}
+TRAINED = {name: s.trains for name, s in STAGES.items()}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,10 +76,34 @@ class StageModels:
         return tables
 
 
-def _stage(stage: str) -> tuple[str, ...]:
-    if stage not in TRAINED:
-        raise ConfigError(f"stage: {stage!r} is not one of {sorted(TRAINED)}")
-    return NEEDED[stage]
+def _stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError(f"stage: {name!r} is not one of {sorted(STAGES)}")
+    return STAGES[name]
+
+
+def _has_method(base: Path | None) -> bool:
+    return base is not None and (base / METHOD_FILE).is_file()
+
+
+def stage_method(stage: str, overrides: dict, base: Path | None) -> MethodConfig:
+    """The stage's `MethodConfig`: the base model's `method.json` (or the defaults), with the fields
+    of `overrides` that are set (not None). A field shaping a component of the base that this stage
+    does not retrain (`field_owner`) must keep the base's value: CG, the identifiers and PG were
+    trained with it, so the override is refused, naming the field."""
+    overrides = {k: v for k, v in dict(overrides).items() if v is not None}
+    if not _has_method(base):
+        return MethodConfig.from_dict(overrides)
+    MethodConfig.from_dict(overrides)  # names unknown fields
+    saved = load_method_config(base)
+    present = {*model_dir.components(base), "identifiers"}
+    for name, value in overrides.items():
+        owner = field_owner(name)
+        if owner in present and owner not in _stage(stage).trains and value != getattr(saved, name, value):
+            raise ConfigError(f"config.method.{name}: {value!r}, but {base / METHOD_FILE} says "
+                              f"{getattr(saved, name)!r}, which its {owner} was trained with; the {stage} stage "
+                              f"does not retrain {owner} (drop the override)")
+    return dataclasses.replace(saved, **overrides)
 
 
 def _init(kind: str, module: nn.Module, key: jax.Array) -> dict:
@@ -78,113 +119,197 @@ def _controlnet_config(unet_config: dict, vae_config: dict, overrides: dict) -> 
     return {**config, **overrides}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sources:
+    """Where a stage's components come from."""
+
+    stage: str
+    base: Path | None
+    present: tuple[str, ...]  # the base model's components
+    init: dict  # config.init
+    method: MethodConfig
+    dtype: jnp.dtype
+    key: jax.Array
+    attention: str = "auto"  # the attention kernel (bgjax.models.attention)
+
+    def options(self, kind: str) -> dict:
+        """`components.build`'s module fields for `kind`: the method's and the attention kernel."""
+        return {**self.method.module_options(kind), "attention": self.attention}
+
+    def where(self, kind: str) -> str:
+        return f"{self.base} has no {kind}/" if self.base else "no base model (config.model) is given"
+
+
+def _from_base(kind: str, src: _Sources):
+    dtype = jnp.float32 if kind in TRAINED[src.stage] else src.dtype
+    module, params = model_dir.load_component(src.base, kind, src.dtype, dtype, **src.options(kind))
+    return module, params, read_config_json(src.base / kind / "config.json")
+
+
+def _new_branch(kind: str, src: _Sources, built: dict, i: int):
+    """A fresh CG / PG starts as a copy of the UNet's encoder (`ControlNetModel.from_unet`)."""
+    config = _controlnet_config(built["unet"][2], built["vae"][2], src.init.get(kind, {}))
+    module = build(kind, config, src.dtype, **src.options(kind))
+    params = controlnet_params_from_unet(built["unet"][1], _init(kind, module, jax.random.fold_in(src.key, i)))
+    return module, params, config
+
+
+def _new_component(kind: str, src: _Sources, built: dict, i: int):
+    config = dict(src.init[kind])
+    module = build(kind, config, src.dtype, **src.options(kind))
+    return module, _init(kind, module, jax.random.fold_in(src.key, i)), config
+
+
+def _component(kind: str, src: _Sources, built: dict, i: int):
+    """(module, params, config) of `kind`, from the first source that has it; trained params float32."""
+    if kind in src.present:
+        return _from_base(kind, src)
+    if kind in ("cg", "pg"):
+        make = _new_branch
+    elif kind in src.init:
+        make = _new_component
+    else:
+        raise ConfigError(f"config.init.{kind}: needed by the {src.stage} stage, and {src.where(kind)}")
+    module, params, config = make(kind, src, built, i)
+    if kind not in TRAINED[src.stage]:
+        params = jax.tree.map(lambda x: x.astype(src.dtype), params)
+    return module, params, config
+
+
+def _tokenizer_dir(src: _Sources, workdir: Path) -> Path:
+    if src.base and (src.base / "tokenizer").is_dir():
+        return src.base / "tokenizer"
+    if src.init.get("tokenizer") != "byte":
+        raise ConfigError("config.init.tokenizer: the base model has no tokenizer/; set it to 'byte'")
+    return write_byte_tokenizer(Path(workdir) / "tokenizer")
+
+
+def _identifiers(src: _Sources, data_categories: dict[str, int], tokenizer, params: dict
+                 ) -> tuple[list[str], jax.Array | None]:
+    """The category vocabulary and the identifier table: the base model's, or new ones for the
+    stage that learns them (each row at the placeholder token's embedding)."""
+    trained = "identifiers" in TRAINED[src.stage]
+    if _has_method(src.base):
+        saved, categories, table = load_method(src.base)
+        missing = sorted(set(data_categories) - set(categories))
+        if missing:
+            raise ConfigError(f"{src.base / METHOD_FILE}: the data has categories the model was not trained on: "
+                              f"{missing}")
+        if saved.identifiers == src.method.identifiers:  # else the cg stage starts a new table
+            return categories, jnp.asarray(table, jnp.float32 if trained else src.dtype)
+    categories = sorted(data_categories, key=data_categories.get)
+    if not trained:
+        return categories, None
+    embedding = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
+    placeholder = tokenizer(src.method.identifier_placeholder, add_special_tokens=False).input_ids[0]
+    rows = len(categories) if src.method.identifiers == "per_category" else 1
+    return categories, init_identifiers(embedding, placeholder, rows)
+
+
+def _scheduler_config(src: _Sources) -> dict:
+    if src.base and (src.base / "scheduler").is_dir():
+        return read_config_json(src.base / "scheduler" / "scheduler_config.json")
+    if src.init.get("scheduler") is None:
+        raise ConfigError("config.init.scheduler: the base model has no scheduler/; give a scheduler config")
+    return dict(src.init["scheduler"])
+
+
 def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdir: Path
                ) -> tuple[StageModels, dict, dict]:
     """(models, trained params in float32, frozen params in `dtype`) for `config.stage`."""
-    needed = _stage(config.stage)
+    stage = _stage(config.stage)
     base = Path(config.model) if config.model else None
-    present = model_dir.components(base) if base else []
-    init = config.init.to_dict()
-    key = jax.random.key(config.seed)
-    modules, params, configs = {}, {}, {}
-    for i, kind in enumerate(needed):
-        trained = kind in TRAINED[config.stage]
-        options = {"attention": config.attention}
-        if kind == "pg":
-            options["mask_residuals"] = config.method["pg_mask_residuals"]
-        if kind == "unet" and config.method["mask_guided_unet"]:
-            options["region_mode"] = "mask_guided"
+    present = tuple(model_dir.components(base)) if base else ()
+    method = stage_method(config.stage, config.method.to_dict(), base)
+    src = _Sources(config.stage, base, present, config.init.to_dict(), method, dtype, jax.random.key(config.seed),
+                   config.attention)
+    built = {}
+    for i, kind in enumerate(stage.needs):
+        built[kind] = _component(kind, src, built, i)
+    for kind in stage.uses:
         if kind in present:
-            modules[kind], params[kind] = model_dir.load_component(
-                base, kind, dtype, jnp.float32 if trained else dtype, **options)
-            configs[kind] = read_config_json(base / kind / "config.json")
-            continue
-        if kind in ("cg", "pg"):  # a fresh branch starts as a copy of the UNet's encoder
-            configs[kind] = _controlnet_config(configs["unet"], configs["vae"], init.get(kind, {}))
-            modules[kind] = build(kind, configs[kind], dtype, **options)
-            fresh = _init(kind, modules[kind], jax.random.fold_in(key, i))
-            params[kind] = controlnet_params_from_unet(params["unet"], fresh)
-        elif kind in init:
-            configs[kind] = dict(init[kind])
-            modules[kind] = build(kind, configs[kind], dtype, **options)
-            params[kind] = _init(kind, modules[kind], jax.random.fold_in(key, i))
-        else:
-            where = f"{base} has no {kind}/" if base else "no base model (config.model) is given"
-            raise ConfigError(f"config.init.{kind}: needed by the {config.stage} stage, and {where}")
-        if not trained:
-            params[kind] = jax.tree.map(lambda x: x.astype(dtype), params[kind])
+            built[kind] = _from_base(kind, src)
+    modules = {k: m for k, (m, _, _) in built.items()}
+    params = {k: p for k, (_, p, _) in built.items()}
+    configs = {k: c for k, (_, _, c) in built.items()}
 
-    method = MethodConfig.from_dict(dict(config.method))
-    prompts, categories = None, sorted(data_categories, key=data_categories.get)
-    tokenizer_dir = None
-    if "text_encoder" in needed:
-        tokenizer_dir = base / "tokenizer" if base and (base / "tokenizer").is_dir() else None
-        if tokenizer_dir is None and init.get("tokenizer") != "byte":
-            raise ConfigError("config.init.tokenizer: the base model has no tokenizer/; set it to 'byte'")
-        tokenizer_dir = tokenizer_dir or write_byte_tokenizer(Path(workdir) / "tokenizer")
+    prompts, tokenizer_dir, categories = None, None, sorted(data_categories, key=data_categories.get)
+    if "text_encoder" in stage.needs:
+        tokenizer_dir = _tokenizer_dir(src, workdir)
         tokenizer = load_tokenizer(tokenizer_dir)
         prompts = PromptBuilder(tokenizer, method)
-        if base and (base / "method.json").is_file():
-            method, categories, table = model_dir.load_method(base)
-            prompts = PromptBuilder(tokenizer, method)
-            missing = sorted(set(data_categories) - set(categories))
-            if missing:
-                raise ConfigError(f"{base / 'method.json'}: the data has categories the model was not trained on: "
-                                  f"{missing}")
-            params["identifiers"] = jnp.asarray(table, jnp.float32 if "identifiers" in TRAINED[config.stage]
-                                                else dtype)
-        elif "identifiers" in TRAINED[config.stage]:
-            embedding = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
-            placeholder = tokenizer(method.identifier_placeholder, add_special_tokens=False).input_ids[0]
-            rows = len(categories) if method.identifiers == "per_category" else 1
-            params["identifiers"] = init_identifiers(embedding, placeholder, rows)
+        categories, table = _identifiers(src, data_categories, tokenizer, params)
+        if table is not None:
+            params["identifiers"] = table
     schedule = None
     if config.stage != "vae":
-        scheduler = (read_config_json(base / "scheduler" / "scheduler_config.json")
-                     if base and (base / "scheduler").is_dir() else init.get("scheduler"))
-        if scheduler is None:
-            raise ConfigError("config.init.scheduler: the base model has no scheduler/; give a scheduler config")
-        configs["scheduler"] = dict(scheduler)
-        schedule = NoiseSchedule.from_config(scheduler)
-    denoiser = None
-    if "unet" in modules:
-        denoiser = Denoiser(modules["unet"], modules.get("cg"), modules.get("pg"))
-        if config.stage == "pg" and "cg" in present:  # stage 2 keeps stage 1's CG, frozen
-            cg, params["cg"] = model_dir.load_component(base, "cg", dtype, dtype, attention=config.attention)
-            denoiser = dataclasses.replace(denoiser, cg=cg)
-            configs["cg"] = read_config_json(base / "cg" / "config.json")
+        configs["scheduler"] = _scheduler_config(src)
+        schedule = NoiseSchedule.from_config(configs["scheduler"])
+    denoiser = Denoiser(modules["unet"], modules.get("cg"), modules.get("pg")) if "unet" in modules else None
     models = StageModels(config.stage, modules["vae"], denoiser, modules.get("text_encoder"), schedule, method,
                          configs, categories, prompts, tokenizer_dir)
-    trained = {k: v for k, v in params.items() if k in TRAINED[config.stage]}
-    frozen = {k: v for k, v in params.items() if k not in TRAINED[config.stage]}
+    trained = {k: v for k, v in params.items() if k in stage.trains}
+    frozen = {k: v for k, v in params.items() if k not in stage.trains}
     return models, trained, frozen
+
+
+def _link_or_copy(target: Path, link: Path, final: Path) -> None:
+    """`link` -> `target`, relative to the model's final place `final` (a sibling of `link`'s folder),
+    so the pair can move together; a copy when the target lies inside the installed package, which
+    a reinstall moves or deletes."""
+    target = target.resolve()
+    if target.is_relative_to(Path(bgjax.__file__).parent.resolve()):
+        shutil.copytree(target, link, symlinks=False)
+    else:
+        os.symlink(os.path.relpath(target, final.parent.resolve() / final.name), link, target_is_directory=True)
+
+
+def _provenance(stage: str, base: Path | None, used: list[str], written: list[str], run: str) -> dict:
+    """Per component: the run that made it and, for what this run trained, the runs of the
+    components it was trained against (`used`: those in the train step); the base model's own
+    records for what it kept."""
+    before = model_dir.provenance(base) if base else {}
+    made = {k: {"run": run} for k in written}
+    trained = [k for k in TRAINED[stage] if k in written]
+    against = {k: made[k]["run"] if k in made else before.get(k, {}).get("run", "unknown")
+               for k in sorted(used) if k not in trained}
+    for k in trained:
+        made[k]["against"] = against
+    return {**before, **made}
 
 
 def save_model(models: StageModels, config, params: dict, out: Path, source: str) -> None:
     """A bgjax model directory, so `bgjax export` and generation read a run directly: trained and
-    newly created components written from `params`, the base model's unchanged ones symlinked."""
+    newly created components written from `params`; every other component of the base model (also
+    those this stage did not load, like PG under a CG stage) linked, relative to `out`, or copied
+    from inside the installed package. `method.json` is the stage's `MethodConfig`."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    base = Path(config.model).resolve() if config.model else None
-    kinds = [k for k in models.configs if k != "scheduler"]
+    base = Path(config.model) if config.model else None
+    present = model_dir.components(base) if base else []
     trained = TRAINED[models.stage]
+    kinds = sorted({*present, *(k for k in models.configs if k != "scheduler")})
+    written = []
     for kind in kinds:
-        if base is not None and kind not in trained and (base / kind).is_dir():
-            os.symlink(base / kind, tmp / kind, target_is_directory=True)
+        if kind in present and kind not in trained:
+            _link_or_copy(base / kind, tmp / kind, out)
         else:
             model_dir.save_component(tmp, kind, models.configs[kind], jax.device_get(params[kind]))
+            written.append(kind)
     if models.tokenizer_dir is not None:
         shutil.copytree(models.tokenizer_dir, tmp / "tokenizer")
     if "scheduler" in models.configs:
         write_json(tmp / "scheduler" / "scheduler_config.json", models.configs["scheduler"])
     if "identifiers" in trained:
-        model_dir.save_method(tmp, models.method, models.categories, np.asarray(jax.device_get(params["identifiers"])))
-    elif base and (base / "method.json").is_file():
-        for name in ("method.json", model_dir.IDENTIFIERS_FILE):
-            shutil.copy(base / name, tmp / name)
+        save_method(tmp, models.method, models.categories, np.asarray(jax.device_get(params["identifiers"])))
+        written.append("identifiers")
+    elif _has_method(base):
+        _, categories, table = load_method(base)  # the stored fp32 table, not the compute-dtype copy
+        save_method(tmp, models.method, categories, table)
     (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
-    model_dir.write_manifest(tmp, kinds, source)
+    run = f"{source} in {out.parent.resolve()}"
+    model_dir.write_manifest(tmp, kinds, source, _provenance(models.stage, base, list(params), written, run))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -1,0 +1,43 @@
+"""Where a model directory keeps the method: `method.json` (the `MethodConfig` fields and the
+category vocabulary) and `identifiers.safetensors` (the learned embeddings e_c, rows = categories)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bgjax.fileio import CheckpointError, read_safetensors, write_json, write_safetensors
+from bgjax.method.config import MethodConfig
+from bgjax.models.configs import ConfigError, read_config_json
+
+METHOD_FILE = "method.json"
+IDENTIFIERS_FILE = "identifiers.safetensors"
+
+
+def save_method(model_dir: Path, config: MethodConfig, categories: list[str], identifiers: np.ndarray) -> None:
+    """The method's choices, the category vocabulary and the identifier table (one row per
+    category, or one row when the identifier is shared)."""
+    rows = len(categories) if config.identifiers == "per_category" else 1
+    if np.shape(identifiers)[0] != rows:
+        raise ValueError(f"identifiers: {np.shape(identifiers)[0]} rows for {rows} expected "
+                         f"({config.identifiers}, {len(categories)} categories)")
+    write_json(Path(model_dir) / METHOD_FILE, {**config.to_dict(), "categories": list(categories)})
+    write_safetensors(Path(model_dir) / IDENTIFIERS_FILE, {"identifiers": np.asarray(identifiers, np.float32)})
+
+
+def load_method(model_dir: Path) -> tuple[MethodConfig, list[str], np.ndarray]:
+    path = Path(model_dir) / METHOD_FILE
+    d = read_config_json(path)
+    categories = d.pop("categories", [])
+    try:
+        config = MethodConfig.from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return config, categories, read_safetensors(Path(model_dir) / IDENTIFIERS_FILE)["identifiers"]
+
+
+def load_method_config(model_dir: Path) -> MethodConfig:
+    """The model's `MethodConfig`; the defaults for a model without one (a base model)."""
+    path = Path(model_dir) / METHOD_FILE
+    return load_method(model_dir)[0] if path.is_file() else MethodConfig()
