@@ -65,8 +65,9 @@ def _stage(stage: str) -> tuple[str, ...]:
     return NEEDED[stage]
 
 
-def _init(kind: str, module: nn.Module, key: jax.Array) -> dict:
-    return jax.jit(functools.partial(init_params, kind, module))(key)  # one compiled init, not op by op
+def _init(kind: str, module: nn.Module, key: jax.Array, shapes_only: bool = False) -> dict:
+    init = functools.partial(init_params, kind, module)
+    return jax.eval_shape(init, key) if shapes_only else jax.jit(init)(key)  # one compiled init, not op by op
 
 
 def _controlnet_config(unet_config: dict, vae_config: dict, overrides: dict) -> dict:
@@ -78,9 +79,10 @@ def _controlnet_config(unet_config: dict, vae_config: dict, overrides: dict) -> 
     return {**config, **overrides}
 
 
-def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdir: Path
+def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdir: Path, shapes_only: bool = False
                ) -> tuple[StageModels, dict, dict]:
-    """(models, trained params in float32, frozen params in `dtype`) for `config.stage`."""
+    """(models, trained params in float32, frozen params in `dtype`) for `config.stage`. With
+    `shapes_only` (a resume, which restores them) new trained params are ShapeDtypeStructs, not initialised."""
     needed = _stage(config.stage)
     base = Path(config.model) if config.model else None
     present = model_dir.components(base) if base else []
@@ -100,12 +102,13 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
         if kind in ("cg", "pg"):  # a fresh branch starts as a copy of the UNet's encoder
             configs[kind] = _controlnet_config(configs["unet"], configs["vae"], init.get(kind, {}))
             modules[kind] = build(kind, configs[kind], dtype, **options)
-            fresh = _init(kind, modules[kind], jax.random.fold_in(key, i))
-            params[kind] = controlnet_params_from_unet(params["unet"], fresh)
+            fresh = _init(kind, modules[kind], jax.random.fold_in(key, i), shapes_only)
+            params[kind] = (jax.eval_shape(controlnet_params_from_unet, params["unet"], fresh) if shapes_only
+                            else controlnet_params_from_unet(params["unet"], fresh))
         elif kind in init:
             configs[kind] = dict(init[kind])
             modules[kind] = build(kind, configs[kind], dtype, **options)
-            params[kind] = _init(kind, modules[kind], jax.random.fold_in(key, i))
+            params[kind] = _init(kind, modules[kind], jax.random.fold_in(key, i), shapes_only and trained)
         else:
             where = f"{base} has no {kind}/" if base else "no base model (config.model) is given"
             raise ConfigError(f"config.init.{kind}: needed by the {config.stage} stage, and {where}")
