@@ -51,7 +51,7 @@ def test_non_finite_step_stops_there_with_the_last_good_state(tmp_path, data_dir
         assert all(np.isfinite(x).all() for x in a), part
 
 
-def test_ctrl_c_stops_at_the_next_step_and_twice_aborts(tmp_path):
+def test_ctrl_c_and_sigterm_stop_at_the_next_step_and_ctrl_c_twice_aborts(tmp_path):
     checkpoints = Checkpoints(tmp_path / "ckpt", keep=1)
     preemption = Preemption(checkpoints)
     try:
@@ -66,6 +66,13 @@ def test_ctrl_c_stops_at_the_next_step_and_twice_aborts(tmp_path):
         preemption.close()
         checkpoints.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    preemption = Preemption(checkpoints)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption(1) and preemption.reason == "preempted"
+    finally:
+        preemption.close()
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, data_dir):  # noqa: F811

@@ -138,7 +138,8 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
             embedding = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
             placeholder = tokenizer(method.identifier_placeholder, add_special_tokens=False).input_ids[0]
             rows = len(categories) if method.identifiers == "per_category" else 1
-            params["identifiers"] = init_identifiers(embedding, placeholder, rows)
+            init_ids = functools.partial(init_identifiers, embedding, placeholder, rows)
+            params["identifiers"] = jax.eval_shape(init_ids) if shapes_only else init_ids()
     schedule = None
     if config.stage != "vae":
         scheduler = (read_config_json(base / "scheduler" / "scheduler_config.json")
