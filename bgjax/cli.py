@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -84,7 +85,17 @@ def _train(args: argparse.Namespace) -> None:
     config = load_config(Path(args.config), args.overrides)  # before jax starts: a bad config fails fast
     if args.coordinator or args.distributed:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    summary = train(config, Path(args.workdir))
+    # The loop's phases (data, models, compile, resume, saves), one line each on stderr as they happen.
+    tag = f"[{jax.process_index()}]" if jax.process_count() > 1 else ""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"bgjax train{tag}: %(message)s"))
+    logger = logging.getLogger("bgjax")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        summary = train(config, Path(args.workdir))
+    finally:
+        logger.removeHandler(handler)
     if summary["stopped"]:
         print(f"stopped ({summary['stopped']}) at step {summary['step']}; checkpoint saved in {args.workdir}")
     else:

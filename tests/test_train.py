@@ -58,9 +58,10 @@ def _wait_for_step(workdir: Path, proc: subprocess.Popen, step: int) -> None:
     raise AssertionError(f"the run never reached step {step}: {proc.communicate()}")
 
 
-def test_sigterm_and_kill_resume_exactly(tmp_path, data_dir):
-    """Uninterrupted vs SIGTERM at ~step 3, SIGKILL at ~step 7, then a finishing run: the losses of
-    every step are bit-identical, and SIGTERM exits cleanly after saving."""
+def test_ctrl_c_and_kill_resume_exactly(tmp_path, data_dir):
+    """Uninterrupted vs Ctrl-C (SIGINT) at ~step 3, SIGKILL at ~step 7, then a finishing run: the
+    losses of every step are bit-identical, Ctrl-C exits cleanly after saving, and the runs show
+    their phases on stderr. (SIGTERM takes the same path: tests/test_train_stop.py.)"""
     steps = ["--config.num_steps=10", "--config.checkpoint_every=2"]
     reference = tmp_path / "reference"
     subprocess.run(_train_args(reference, data_dir, *steps), env=_env(), check=True, capture_output=True)
@@ -69,10 +70,13 @@ def test_sigterm_and_kill_resume_exactly(tmp_path, data_dir):
     proc = subprocess.Popen(_train_args(run, data_dir, *steps), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(run, proc, 3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "stopped (preempted)" in out
+    assert "stopped (interrupted)" in out
+    for phase in ("data: 48 records in", "building the cg stage's models", "train step compiled in",
+                  "Ctrl-C: saving at the next step", "saving checkpoint 2 "):
+        assert f"bgjax train: {phase}" in err, (phase, err[-2000:])
     stopped_at = max(_losses(run))
     assert (run / "checkpoints" / str(stopped_at)).is_dir()  # saved at the step it stopped, off the schedule
 
@@ -81,7 +85,8 @@ def test_sigterm_and_kill_resume_exactly(tmp_path, data_dir):
     _wait_for_step(run, proc, 7)
     proc.kill()
     proc.communicate()
-    subprocess.run(_train_args(run, data_dir, *steps), env=_env(), check=True, capture_output=True)
+    last = subprocess.run(_train_args(run, data_dir, *steps), env=_env(), check=True, capture_output=True, text=True)
+    assert "bgjax train: resumed from step " in last.stderr
 
     expected, got = _losses(reference), _losses(run)
     assert sorted(got) == list(range(1, 11))

@@ -1,5 +1,6 @@
 """Checkpoints through orbax: the train state (sharded, written asynchronously), the data
-iterator's position (grain, one file per process) and the config, kept N at a time.
+iterator's position (grain, one file per process) and the meta (the config and the data's
+fingerprint, which a resume checks), kept N at a time.
 
 orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint as the latest one.
@@ -24,10 +25,14 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, config: dict) -> None:
+    def save(self, step: int, state, data_iterator, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-            config=ocp.args.JsonSave(config)), force=True)
+            config=ocp.args.JsonSave(meta)), force=True)
+
+    def meta(self, step: int) -> dict:
+        """What `save` stored as meta at `step`, without reading the state."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def restore(self, step: int, abstract_state, data_iterator):
         """The state at `step`, placed as `abstract_state`'s shardings say (any mesh), and the

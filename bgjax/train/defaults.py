@@ -54,7 +54,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0  # global norm; 0 disables
+    # EMA of the trained params, as diffusers' EMAModel: its decay warms up, (1 + t) / (10 + t) after t
+    # applied updates (or with ema_warmup, 1 - (1 + t / ema_inv_gamma) ** -ema_power), capped at ema_decay.
     c.optim.ema_decay = 0.0  # 0: no EMA
+    c.optim.ema_warmup = False  # diffusers' use_ema_warmup
+    c.optim.ema_inv_gamma = 1.0
+    c.optim.ema_power = 2 / 3
+    c.optim.ema_min_decay = 0.0
+    c.optim.ema_update_after_step = 0  # updates before the EMA starts averaging (it copies the params)
     c.optim.accum_steps = 1  # micro-batches per update
 
     c.mesh = ml_collections.ConfigDict()
@@ -65,6 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.rules = (("embed", "fsdp"), ("mlp", "tensor"))
 
     c.num_steps = 1000
+    c.export_weights = "ema"  # what DIR/model gets: "ema" (the EMA when optim.ema_decay > 0, else raw) or "raw"
+    # A resume refuses a config or data change that breaks exact resume (bgjax/train/resume.py lists
+    # the harmless ones), naming the field; True resumes anyway and logs the changes.
+    c.resume_force = False
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3

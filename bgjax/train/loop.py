@@ -1,13 +1,15 @@
 """`bgjax train`: the training loop, top to bottom.
 
-    mesh -> data -> models -> state (fresh or restored) -> compiled step -> loop:
-        step, log, checkpoint, stop on SIGTERM or a non-finite loss -> model directory
+    data -> resume check (or return: already finished) -> mesh -> models -> state (fresh, or
+    restored onto shapes) -> compiled step -> loop: step, log, checkpoint, stop on SIGTERM / Ctrl-C
+    or at a non-finite step -> model directory (EMA or raw weights)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from bgjax.models.configs import ConfigError
 from bgjax.train import TrainingDiverged, sharding
 from bgjax.train.checkpoint import Checkpoints, abstract
 from bgjax.train.models import load_stage, save_model
+from bgjax.train.resume import check_latent_cache, check_resume, data_fingerprint
 from bgjax.train.samples import sample_grid, validation_set
 from bgjax.train.step import init_state, jit_train_step, make_optimizer
 
@@ -37,22 +40,42 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TP
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves and stops at the next step (all processes agree)."""
+    """SIGTERM or Ctrl-C: the loop saves at the next step and stops; a second Ctrl-C aborts at once.
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    One process: the handlers set a flag, read every step. Several: jax's preemption service (on
+    with jax.distributed) catches SIGTERM on any host and agrees with the others on the step to
+    stop at, which each reads locally (orbax's `reached_preemption`), with no per-step collective;
+    Ctrl-C passes itself on to it as a SIGTERM.
+    """
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints, self.reason, self._interrupted = checkpoints, None, False
+        self._distributed = jax.process_count() > 1
+        # Several processes: SIGTERM stays with jax's service, which installed its handler.
+        signals = (signal.SIGINT,) if self._distributed else (signal.SIGINT, signal.SIGTERM)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            _log.info("Ctrl-C: saving at the next step, then stopping (Ctrl-C again aborts)")
+        self.reason = self.reason or ("interrupted" if signum == signal.SIGINT else "preempted")
+        if self._distributed:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    def __call__(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    def __call__(self, step: int) -> bool:
+        if self._distributed:
+            if self.checkpoints.manager.reached_preemption(step):
+                self.reason = self.reason or "preempted"
+                return True
+            return False
+        return self.reason is not None
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def prepare_data(config, workdir: Path) -> Path:
@@ -90,27 +113,61 @@ def _host(tree):
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
+def _source(config, step: int) -> str:
+    return f"bgjax train ({config.stage}, step {step})"
+
+
+def _finished(config, workdir: Path, step: int) -> bool:
+    """The model in `workdir` was exported from checkpoint `step`, which reached num_steps."""
+    manifest = workdir / "model" / "bgjax.json"
+    return (step >= config.num_steps and manifest.is_file()
+            and json.loads(manifest.read_text()).get("source") == _source(config, step))
+
+
 def train(config, workdir: Path) -> dict:
     """Train `config.stage` in `workdir`, resuming from its latest checkpoint; returns a summary."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     leader = jax.process_index() == 0
-    if leader:
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+    if config.export_weights not in ("ema", "raw"):
+        raise ConfigError(f"export_weights: {config.export_weights!r} is not 'ema' or 'raw'")
+    data_dir = prepare_data(config, workdir)
+    manifest = read_manifest(data_dir)
+    _log.info("data: %d records in %s", manifest["num_written"], data_dir)
+    check_latent_cache(manifest, config, data_dir)
+    meta = {"config": config.to_dict(), "data_fingerprint": data_fingerprint(manifest)}
+    checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+    try:
+        start = checkpoints.latest_step()
+        if start is not None:
+            check_resume(config, checkpoints.meta(start), meta["data_fingerprint"], start, data_dir)
+            if _finished(config, workdir, start):
+                _log.info("already trained to step %d; the model is in %s", start, workdir / "model")
+                return {"step": start, "start": start, "compile_seconds": 0.0, "stopped": None}
+        if leader:
+            (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+        return _run(config, workdir, data_dir, manifest["categories"], checkpoints, start, meta)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+
+
+def _run(config, workdir: Path, data_dir: Path, categories: dict, checkpoints: Checkpoints, start: int | None,
+         meta: dict) -> dict:
+    leader = jax.process_index() == 0
     dtype = jnp.dtype(config.dtype)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-
-    data_dir = prepare_data(config, workdir)
-    categories = read_manifest(data_dir)["categories"]
-    models, trained, frozen = load_stage(config, categories, dtype, workdir)
+    t0 = time.perf_counter()
+    _log.info("building the %s stage's models%s", config.stage, f" from {config.model}" if config.model else "")
+    # A resume restores the trained params, so they are only shapes here.
+    models, trained, frozen = load_stage(config, categories, dtype, workdir, shapes_only=start is not None)
     tables = models.prompt_tables(categories) if models.prompts else {}
     empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()} if models.prompts else None
     batches = data_iterator(config, data_dir, tables)
 
     trainer = Trainer(config, models, trained, frozen, empty, mesh)
     frozen = trainer.place(frozen)
-    checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
-    start = checkpoints.latest_step()
+    _log.info("models built in %.1f s", time.perf_counter() - t0)
     if start is None:
         state, start = trainer.fresh_state(trained), 0
     else:
@@ -124,55 +181,65 @@ def train(config, workdir: Path) -> dict:
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis() if compiled is not None else None
     flops = float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0))
-    _log.info("train step compiled in %.1f s (%.3g TFLOP per device per step)", compile_s, flops / 1e12)
+    if compiled is not None:
+        _log.info("train step compiled in %.1f s (%.3g TFLOP per device per step)", compile_s, flops / 1e12)
 
     writer = _summary_writer(workdir) if leader else None
     validation = validation_set(data_dir, config.num_samples) if config.sample_every and leader else []
-    preemption = Preemption()
+    preemption = Preemption(checkpoints)
     peak = peak_tflops(config)
     step, last_time, last_step, stopped = start, time.perf_counter(), start, None
+    unchecked = None  # the previous step's metrics: its flag is read once this step is dispatched
     bar = tqdm(total=config.num_steps, initial=start, desc=f"train {config.stage}", disable=not leader)
     try:
         while step < config.num_steps:
             state, metrics = compiled(state, frozen, batch)
             step += 1
-            if step % config.log_every == 0 or step == config.num_steps:
-                _check_finite(state, checkpoints)
+            if unchecked is not None:
+                _check_finite(unchecked, state, checkpoints)
+            unchecked = metrics
+            preempted = preemption(step)
+            log = step % config.log_every == 0 or step == config.num_steps
+            save = step % config.checkpoint_every == 0 or step == config.num_steps or preempted
+            sample = config.sample_every and step % config.sample_every == 0 and config.stage != "vae"
+            if log or save or sample:  # nothing of a non-finite step is logged, saved or sampled
+                _check_finite(metrics, state, checkpoints)
+                unchecked = None
+            if log:
                 now = time.perf_counter()
                 rate = (step - last_step) / (now - last_time)
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nan_step"}
                 values.update(images_per_second=rate * config.data.batch_size, tflops_per_device=rate * flops / 1e12)
                 if peak:
                     values["mfu"] = values["tflops_per_device"] / peak
                 last_time, last_step = now, step
                 _log_metrics(workdir, writer, step, values, leader)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_second']:.1f}")
-            preempted = preemption()
-            if step % config.checkpoint_every == 0 or step == config.num_steps or preempted:
-                _check_finite(state, checkpoints)
-                checkpoints.save(step, state, batches, config.to_dict())
-            if config.sample_every and step % config.sample_every == 0 and config.stage != "vae":
+            if save:
+                checkpoints.save(step, state, batches, meta)
+                _log.info("saving checkpoint %d (in the background)", step)
+            if sample:
                 _write_samples(models, {**frozen, **state.params}, validation, config, workdir, writer, step)
             bar.update(1)
             if preempted:
-                stopped = "preempted"
+                stopped = preemption.reason
                 break
             if step < config.num_steps:  # fetched after a save, so the saved iterator is at `step`
                 batch = sharding.global_batch(next(batches), mesh)
     finally:
-        checkpoints.wait()
-        checkpoints.close()
         preemption.close()
         bar.close()
         if writer is not None:
             writer.close()
+    checkpoints.wait()
     if stopped is None:
-        params = state.ema if state.ema is not None else state.params
+        params = state.ema if config.export_weights == "ema" and state.ema is not None else state.params
         exported = _host({**{k: v for k, v in frozen.items() if k not in params}, **params})
         if config.stage == "vae":
             models.configs["vae"]["scaling_factor"] = latent_scale(models, exported["vae"], batches)
         if leader:
-            save_model(models, config, exported, workdir / "model", f"bgjax train ({config.stage}, step {step})")
+            save_model(models, config, exported, workdir / "model", _source(config, step))
+            _log.info("model (%s weights) written to %s", "EMA" if params is state.ema else "raw", workdir / "model")
         multihost_utils.sync_global_devices("bgjax model saved")
     return {"step": step, "start": start, "compile_seconds": compile_s, "stopped": stopped}
 
@@ -213,12 +280,14 @@ def latent_scale(models, vae_params: dict, batches, num_batches: int = 8) -> flo
     return float(1.0 / np.std(np.concatenate(means)))
 
 
-def _check_finite(state, checkpoints: Checkpoints) -> None:
-    bad = int(jax.device_get(state.nan_step))
+def _check_finite(metrics: dict, state, checkpoints: Checkpoints) -> None:
+    """Raise if the step that gave `metrics` was not finite. `state` is from that step or the one
+    after; either way it is the last good step's, since a non-finite step changes nothing."""
+    bad = int(jax.device_get(metrics["nan_step"]))
     if bad >= 0:
         checkpoints.wait()
         raise TrainingDiverged(f"step {bad}: the loss or gradient is not finite; stopped without saving it "
-                               f"(last checkpoint: step {checkpoints.latest_step()})")
+                               f"(last checkpoint: step {checkpoints.latest_step()})", step=bad, state=state)
 
 
 def _write_samples(models, params: dict, validation: list[dict], config, workdir: Path, writer, step: int) -> None:

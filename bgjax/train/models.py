@@ -106,8 +106,9 @@ def stage_method(stage: str, overrides: dict, base: Path | None) -> MethodConfig
     return dataclasses.replace(saved, **overrides)
 
 
-def _init(kind: str, module: nn.Module, key: jax.Array) -> dict:
-    return jax.jit(functools.partial(init_params, kind, module))(key)  # one compiled init, not op by op
+def _init(kind: str, module: nn.Module, key: jax.Array, shapes_only: bool = False) -> dict:
+    init = functools.partial(init_params, kind, module)
+    return jax.eval_shape(init, key) if shapes_only else jax.jit(init)(key)  # one compiled init, not op by op
 
 
 def _controlnet_config(unet_config: dict, vae_config: dict, overrides: dict) -> dict:
@@ -131,6 +132,7 @@ class _Sources:
     dtype: jnp.dtype
     key: jax.Array
     attention: str = "auto"  # the attention kernel (bgjax.models.attention)
+    shapes_only: bool = False  # a resume restores the trained params: new ones are only ShapeDtypeStructs
 
     def options(self, kind: str) -> dict:
         """`components.build`'s module fields for `kind`: the method's and the attention kernel."""
@@ -150,14 +152,17 @@ def _new_branch(kind: str, src: _Sources, built: dict, i: int):
     """A fresh CG / PG starts as a copy of the UNet's encoder (`ControlNetModel.from_unet`)."""
     config = _controlnet_config(built["unet"][2], built["vae"][2], src.init.get(kind, {}))
     module = build(kind, config, src.dtype, **src.options(kind))
-    params = controlnet_params_from_unet(built["unet"][1], _init(kind, module, jax.random.fold_in(src.key, i)))
+    fresh = _init(kind, module, jax.random.fold_in(src.key, i), src.shapes_only)
+    params = (jax.eval_shape(controlnet_params_from_unet, built["unet"][1], fresh) if src.shapes_only
+              else controlnet_params_from_unet(built["unet"][1], fresh))
     return module, params, config
 
 
 def _new_component(kind: str, src: _Sources, built: dict, i: int):
     config = dict(src.init[kind])
     module = build(kind, config, src.dtype, **src.options(kind))
-    return module, _init(kind, module, jax.random.fold_in(src.key, i)), config
+    shapes_only = src.shapes_only and kind in TRAINED[src.stage]
+    return module, _init(kind, module, jax.random.fold_in(src.key, i), shapes_only), config
 
 
 def _component(kind: str, src: _Sources, built: dict, i: int):
@@ -203,7 +208,8 @@ def _identifiers(src: _Sources, data_categories: dict[str, int], tokenizer, para
     embedding = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
     placeholder = tokenizer(src.method.identifier_placeholder, add_special_tokens=False).input_ids[0]
     rows = len(categories) if src.method.identifiers == "per_category" else 1
-    return categories, init_identifiers(embedding, placeholder, rows)
+    init_ids = functools.partial(init_identifiers, embedding, placeholder, rows)
+    return categories, jax.eval_shape(init_ids) if src.shapes_only else init_ids()
 
 
 def _scheduler_config(src: _Sources) -> dict:
@@ -214,15 +220,16 @@ def _scheduler_config(src: _Sources) -> dict:
     return dict(src.init["scheduler"])
 
 
-def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdir: Path
+def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdir: Path, shapes_only: bool = False
                ) -> tuple[StageModels, dict, dict]:
-    """(models, trained params in float32, frozen params in `dtype`) for `config.stage`."""
+    """(models, trained params in float32, frozen params in `dtype`) for `config.stage`. With
+    `shapes_only` (a resume, which restores them) new trained params are ShapeDtypeStructs, not initialised."""
     stage = _stage(config.stage)
     base = Path(config.model) if config.model else None
     present = tuple(model_dir.components(base)) if base else ()
     method = stage_method(config.stage, config.method.to_dict(), base)
     src = _Sources(config.stage, base, present, config.init.to_dict(), method, dtype, jax.random.key(config.seed),
-                   config.attention)
+                   config.attention, shapes_only)
     built = {}
     for i, kind in enumerate(stage.needs):
         built[kind] = _component(kind, src, built, i)

@@ -18,7 +18,7 @@ from bgjax.train.models import StageModels
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32, updates done
+    step: jax.Array  # int32, updates applied (the EMA's warm-up counts these)
     params: Any  # the trained params, float32
     opt_state: Any
     ema: Any  # EMA of params, or None
@@ -51,6 +51,22 @@ def make_optimizer(config) -> optax.GradientTransformation:
     )
 
 
+def ema_decay(optim, update: jax.Array) -> jax.Array:
+    """The decay for the `update`-th applied update (1 for the first), as diffusers' EMAModel.get_decay
+    computes it for its `optimization_step`: 0 (the EMA takes the params) until `ema_update_after_step`
+    have passed, then (1 + t) / (10 + t), or with `ema_warmup` 1 - (1 + t / inv_gamma) ** -power,
+    at most `ema_decay` and at least `ema_min_decay`. Without a warm-up the EMA would hold
+    ema_decay ** steps of the initial weights (13.5% after 20k steps at 0.9999)."""
+    t = jnp.maximum(0, update - optim.ema_update_after_step - 1).astype(jnp.float32)
+    warm = 1 - (1 + t / optim.ema_inv_gamma) ** -optim.ema_power if optim.ema_warmup else (1 + t) / (10 + t)
+    return jnp.where(t <= 0, 0.0, jnp.maximum(jnp.minimum(warm, optim.ema_decay), optim.ema_min_decay))
+
+
+def update_ema(ema: Any, params: Any, decay: jax.Array) -> Any:
+    """ema - (1 - decay) * (ema - params): EMAModel.step's arithmetic."""
+    return jax.tree.map(lambda e, p: e - (1 - decay) * (e - p), ema, params)
+
+
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, ema: bool) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema=jax.tree.map(jnp.copy, params) if ema else None,
@@ -67,8 +83,8 @@ def _microbatches(batch: dict, n: int) -> dict:
 
 def train_step(state: TrainState, frozen: dict, batch: dict, *, models: StageModels, tx: optax.GradientTransformation,
                config, empty_prompt: dict | None) -> tuple[TrainState, dict]:
-    """One optimizer update. A non-finite loss or gradient leaves params and optimizer state as
-    they were and records the step in `nan_step`; the loop stops on it."""
+    """One optimizer update. A non-finite loss or gradient leaves the state as it was and records the
+    step in `nan_step`; so does every step after it, since the loop reads the flag a step late."""
     loss_fn = functools.partial(stage_loss(models.stage), models, loss_cfg=config.loss, empty_prompt=empty_prompt)
     key = jax.random.fold_in(state.rng, state.step)
 
@@ -90,19 +106,20 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, models: StageMod
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nan_step < 0)
 
     def keep(new, old):
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
     ema = state.ema
     if ema is not None:
-        d = config.optim.ema_decay
-        ema = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
+        ema = keep(update_ema(ema, params, ema_decay(config.optim, state.step + 1)), ema)
+    nan_step = jnp.where(~ok & (state.nan_step < 0), state.step, state.nan_step)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state), ema=ema,
-        nan_step=jnp.where((state.nan_step < 0) & ~ok, state.step, state.nan_step))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(config)(state.step), **aux}
+        step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state), ema=ema, nan_step=nan_step)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(config)(state.step),
+               "nan_step": nan_step, **aux}
     return new_state, metrics
 
 
