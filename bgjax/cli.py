@@ -15,11 +15,13 @@ def _convert(args: argparse.Namespace) -> None:
 
     src = Path(args.src)
     if src.is_dir():
-        kinds = import_diffusers(src, Path(args.out))
+        done = import_diffusers(src, Path(args.out))
     else:
-        kinds = import_single_file(src, Path(args.out), config_dir=args.config, tokenizer=args.tokenizer,
-                                   prediction_type=args.prediction_type)
-    print(f"wrote {', '.join(kinds)} to {args.out}")
+        done = import_single_file(src, Path(args.out), config_dir=args.config, tokenizer=args.tokenizer,
+                                  prediction_type=args.prediction_type, allow_extra_keys=args.allow_extra_keys)
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(done.components)} to {args.out} (report: {Path(args.out) / 'conversion_report.json'})")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="single file only: a CLIP tokenizer folder to copy into the model")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                    help="single file only: what the UNet predicts (SD-2 768px models: v_prediction)")
+    p.add_argument("--allow-extra-keys", action="store_true",
+                   help="single file only: convert even when keys lie outside SD's UNet, VAE, text encoder and "
+                        "ControlNet (an unmerged LoRA, another network); they are left out and listed in the report")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("export", help="bgjax model dir -> diffusers folder")
