@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m (default), dpmpp_2m_karras, euler, ddpm")
     p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
     p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")
+    p.add_argument("--prompt", help="replaces the method's prompt template; {category} becomes the category")
+    p.add_argument("--negative-prompt", default="", help="the unconditional pass's prompt (default: empty)")
     p.add_argument("--size", type=int, help="working resolution: a photo's longer side, a cut-out's square "
                                             "canvas (default: the model's resolution)")
     p.add_argument("--placement", type=float, nargs=3, metavar=("SCALE", "CX", "CY"),
