@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", required=True, help="the folder for the images, sidecars and errors.jsonl")
     p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
+    p.add_argument("--num-shards", type=int, help="split a manifest over N runs (default: a Slurm job array's task "
+                                                  "count, else the JAX process count, else 1)")
+    p.add_argument("--shard-index", type=int, help="this run's shard, 0 .. N-1 (default: the Slurm array task or "
+                                                   "JAX process index)")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("eval", help="a BG1K / BG-pair split -> generated images per method variant, CLIP-sim, FID, "

@@ -120,3 +120,18 @@ def test_controlnet_matches_stable_diffusion_controlnet_pipeline(folders, bgjax_
     # The ControlNet matters: without it the result is far from diffusers' ControlNet pipeline.
     plain = bgjax_pipe.text_to_image(PROMPT, output_type="latent", **{**common, "control_image": None})
     assert rel_err(plain, ref_x) > 1e-2
+
+
+def test_eval_controlnet_variant_runs_the_converted_controlnet(bgjax_pipe, control_image):
+    from bgjax.eval.harness import variant_pipeline
+
+    variant = variant_pipeline(bgjax_pipe, "controlnet")
+    assert variant.cg_source == "controlnet" and variant.models.denoiser.cg is bgjax_pipe.controlnet
+    assert not variant.has_pg
+    np.testing.assert_array_equal(variant.params["denoiser"]["cg"]["controlnet_mid_block"]["kernel"],
+                                  bgjax_pipe.params["controlnet"]["controlnet_mid_block"]["kernel"])
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[8:24, 10:20] = True
+    product = np.asarray(control_image)
+    (image,) = variant(product, mask, "lamp", num_images=1, steps=2)
+    np.testing.assert_array_equal(np.asarray(image)[mask], product[mask])

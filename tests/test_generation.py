@@ -401,3 +401,28 @@ def test_cli_rerun_writes_nothing_and_a_change_regenerates(model, photo, tmp_pat
     newest = max(tmp_path.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
     assert json.loads(newest.read_text())["warnings"] == [
         "lambda_pg=0.5: ignored, PG runs only with a reference and none was given"]
+
+
+def test_shards_together_make_the_one_machine_outputs(model, photo, tmp_path, monkeypatch):
+    f = photo["folder"]
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [{"product": str(f / "product.png"), "mask": str(f / "mask.png"), "category": "lamp", "seed": s}
+             for s in range(4)] + [{"product": str(f / "cutout.png"), "category": "coffee mug"}, {"category": "lamp"}]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    one = tmp_path / "one"
+    assert main(_generate_args(model, one, "--manifest", str(manifest), "--num-images", "1")) == 1
+    sharded = tmp_path / "sharded"
+    for index in ("1", "0"):  # the Slurm array's variables, as a job array task sees them
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", index)
+        assert main(_generate_args(model, sharded, "--manifest", str(manifest), "--num-images", "1")) in (0, 1)
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert len(names) == 5 and names == sorted(p.name for p in sharded.glob("*.png"))
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(Image.open(sharded / name)), np.asarray(Image.open(one / name)))
+    assert (sharded / "index.jsonl").read_text() == (one / "index.jsonl").read_text()
+    errors = [json.loads(x) for p in sorted(sharded.glob("errors-*.jsonl")) for x in p.read_text().splitlines()]
+    assert [e["line"] for e in errors] == [6] == [json.loads(x)["line"] for x in
+                                                  (one / "errors.jsonl").read_text().splitlines()]
+    assert main(_generate_args(model, sharded, "--manifest", str(manifest), "--num-shards", "2",
+                               "--shard-index", "2")) == 2

@@ -4,7 +4,10 @@ Outputs are `OUT/{product stem}_{hash}_{k}.png` + `.json`; the hash covers the i
 written and the files' contents, category) and the `GenerationSettings` (model contents, sampler, steps,
 guidance, lambdas, size, dtype, prompts, seed, ...), so a rerun skips exactly the items whose images and
 sidecars all exist for these settings and regenerates any other. A manifest's broken lines are reported with their line
-number and reason on stderr and in `OUT/errors.jsonl` (rewritten each run), and skipped.
+number and reason on stderr and in `OUT/errors.jsonl` (rewritten each run), and skipped; `OUT/index.jsonl`
+lists each line's images. With `--num-shards N` (or a Slurm array / JAX processes) shard I takes rows
+I, I + N, ... and writes `errors-I-of-N.jsonl` / `index-I-of-N.jsonl`; the last shard to finish writes
+the merged `index.jsonl`.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
@@ -223,17 +228,43 @@ def _single(run: _Run) -> int:
     return 0
 
 
+def shard_of(args: argparse.Namespace) -> tuple[int, int]:
+    """(shard index, shard count): --shard-index/--num-shards, else a Slurm job array's task, else the JAX
+    process (a pod slice), else (0, 1)."""
+    if args.num_shards is not None or args.shard_index is not None:
+        index, count = args.shard_index or 0, args.num_shards or 1
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    else:
+        index, count = jax.process_index(), jax.process_count()
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard {index} of {count}: expected 0 <= --shard-index < --num-shards")
+    return index, count
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
+
+
 def _manifest(run: _Run) -> int:
     a, manifest = run.args, Path(run.args.manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: manifest not found")
+    try:
+        shard, shards = shard_of(a)
+    except ValueError as e:
+        print(f"bgjax generate: error: {e}", file=sys.stderr)
+        return 2
     items, errors = [], []
     try:
         rows = list(read_manifest(manifest))
     except (ValueError, UnicodeDecodeError, csv.Error) as e:
         print(f"bgjax generate: error: {manifest}: {e}", file=sys.stderr)
         return 2
-    for line, row, reason in rows:
+    # Row r (broken ones included) belongs to shard r mod N: the shards cover the manifest once.
+    for line, row, reason in rows[shard::shards]:
         if reason is None:
             try:
                 items.append(make_item(row, line, manifest.parent, a.seed, a.num_images))
@@ -247,19 +278,33 @@ def _manifest(run: _Run) -> int:
 
     for error in errors:
         report(error)
+    index = []
     with tqdm(total=sum(i.num_images for i in items), unit="img", desc="generate") as bar:
         for item in items:
             try:
                 run.process(item)
+                index.append({"line": item.line, **item.fields, "seed": item.seed,
+                              "images": [png.name for png, _ in item.outputs(run.out, run.settings(item))]})
             except ValueError as e:
                 errors.append({"line": item.line, "input": item.fields, "reason": str(e)})
                 report(errors[-1])
             bar.update(item.num_images)
     errors.sort(key=lambda e: e["line"])
-    atomic_write(run.out / "errors.jsonl", lambda tmp: Path(tmp).write_text(
-        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors), encoding="utf-8"))
-    print(run.summary(len(errors)))
+    suffix = "" if shards == 1 else f"-{shard:05d}-of-{shards:05d}"
+    _jsonl(run.out / f"errors{suffix}.jsonl", errors)
+    _jsonl(run.out / f"index{suffix}.jsonl", index)
+    if shards > 1:
+        _merge_index(run.out, shards)
+    print(run.summary(len(errors)) + (f" [shard {shard} of {shards}]" if shards > 1 else ""))
     return 1 if errors else 0
+
+
+def _merge_index(out: Path, shards: int) -> None:
+    """OUT/index.jsonl of every shard's outputs, once all N shard indexes exist (whichever shard ends last)."""
+    parts = [out / f"index-{i:05d}-of-{shards:05d}.jsonl" for i in range(shards)]
+    if all(p.is_file() for p in parts):
+        rows = [json.loads(line) for p in parts for line in p.read_text(encoding="utf-8").splitlines()]
+        _jsonl(out / "index.jsonl", sorted(rows, key=lambda r: r["line"]))
 
 
 def generate_command(args: argparse.Namespace) -> int:
