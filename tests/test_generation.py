@@ -210,7 +210,8 @@ def test_base_model_and_shared_identifier(model, photo, tmp_path):
     model_dir.write_manifest(base, ["unet", "vae", "text_encoder"], "test")
     pipe = BackgroundPipeline.from_pretrained(base)
     assert not pipe.has_cg and not pipe.has_pg
-    (image,) = pipe(photo["image"], photo["mask"], "any product at all", num_images=1, steps=STEPS)
+    with pytest.warns(UserWarning, match="'any product at all': the model has no learned identifiers"):
+        (image,) = pipe(photo["image"], photo["mask"], "any product at all", num_images=1, steps=STEPS)
     np.testing.assert_array_equal(np.asarray(image)[photo["mask"]], photo["image"][photo["mask"]])
 
     shared = tmp_path / "shared"
@@ -323,6 +324,7 @@ def test_ignored_settings_warn_or_fail(pipe, photo):
     prepared = pipe.variant(cg=False).prepare(photo["image"], photo["mask"], "lamp")
     assert pipe.variant(cg=False).warnings(prepared, lambda_cg=0.3) == [
         "lambda_cg=0.3: ignored, the model has no CG branch"]
+    assert pipe.variant(identifiers=False).warnings(prepared) == []  # switched off on purpose (eval's sd)
 
 
 def test_transformers5_tokenizer_generates_alike(model, pipe, photo, tmp_path):

@@ -270,8 +270,9 @@ class BackgroundPipeline:
         # What sits in the CG slot: "cg" (the paper's branch) or "controlnet" (the converted ControlNet, which
         # like every diffusers ControlNet takes its image in [0, 1]).
         self.cg_source = cg_source
-        # A model without method.json: a category only enters the prompt as text (said once per generation).
-        self.base_model = not (self.model / "method.json").is_file()
+        # A model without learned identifiers: a category only enters the prompt as text (`warnings` says so;
+        # a variant keeps its original's value, so switching identifiers off on purpose is silent).
+        self.base_model = params.get("identifiers") is None and not categories
         self.scheduler_config = scheduler_config
         self.vocabulary = CategoryVocabulary(categories) if categories else None
         self.prompts = PromptBuilder(tokenizer, config, models.text_encoder.config.max_position_embeddings)
@@ -337,9 +338,11 @@ class BackgroundPipeline:
         unet = d.unet if unet_region_mode is None else d.unet.clone(region_mode=unet_region_mode)
         denoiser = dataclasses.replace(d, unet=unet, cg=cg_module, pg=d.pg if pg else None)
         categories = self.vocabulary.names if identifiers and self.vocabulary is not None else None
-        return type(self)(self.model, dataclasses.replace(self.models, denoiser=denoiser), params,
-                          self.prompts.tokenizer, self.scheduler_config, self.config, categories, self.controlnet,
-                          "controlnet" if controlnet else self.cg_source if cg else "cg")
+        out = type(self)(self.model, dataclasses.replace(self.models, denoiser=denoiser), params,
+                         self.prompts.tokenizer, self.scheduler_config, self.config, categories, self.controlnet,
+                         "controlnet" if controlnet else self.cg_source if cg else "cg")
+        out.base_model = self.base_model
+        return out
 
     @property
     def has_cg(self) -> bool:
@@ -456,8 +459,8 @@ class BackgroundPipeline:
         if lambda_pg is not None and prepared.pg_cond is None:
             notes.append(f"lambda_pg={lambda_pg}: ignored, PG runs only with a reference and none was given")
         if self.base_model and prompt is None:
-            notes.append(f"category {prepared.category!r}: the model has no learned identifiers (no method.json); "
-                         f"the category only enters the prompt as text")
+            notes.append(f"category {prepared.category!r}: the model has no learned identifiers; the category only "
+                         f"enters the prompt as text")
         if prompt is not None and "{category}" not in prompt:
             notes.append(f"category {prepared.category!r}: not in the prompt (it has no {{category}}), so it does "
                          f"not reach the model")
