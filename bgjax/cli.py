@@ -17,11 +17,13 @@ def _convert(args: argparse.Namespace) -> None:
 
     src = Path(args.src)
     if src.is_dir():
-        kinds = import_diffusers(src, Path(args.out))
+        done = import_diffusers(src, Path(args.out))
     else:
-        kinds = import_single_file(src, Path(args.out), config_dir=args.config, tokenizer=args.tokenizer,
-                                   prediction_type=args.prediction_type)
-    print(f"wrote {', '.join(kinds)} to {args.out}")
+        done = import_single_file(src, Path(args.out), config_dir=args.config, tokenizer=args.tokenizer,
+                                  prediction_type=args.prediction_type, allow_extra_keys=args.allow_extra_keys)
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(done.components)} to {args.out} (report: {Path(args.out) / 'conversion_report.json'})")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -155,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="single file only: a CLIP tokenizer folder to copy into the model")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                    help="single file only: what the UNet predicts (SD-2 768px models: v_prediction)")
+    p.add_argument("--allow-extra-keys", action="store_true",
+                   help="single file only: convert even when keys lie outside SD's UNet, VAE, text encoder and "
+                        "ControlNet (an unmerged LoRA, another network); they are left out and listed in the report")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("export", help="bgjax model dir -> diffusers folder")
@@ -204,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m (default), dpmpp_2m_karras, euler, ddpm")
     p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
     p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")
+    p.add_argument("--prompt", help="replaces the method's prompt template; {category} becomes the category")
+    p.add_argument("--negative-prompt", default="", help="the unconditional pass's prompt (default: empty)")
     p.add_argument("--size", type=int, help="working resolution: a photo's longer side, a cut-out's square "
                                             "canvas (default: the model's resolution)")
     p.add_argument("--placement", type=float, nargs=3, metavar=("SCALE", "CX", "CY"),
@@ -212,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", required=True, help="the folder for the images, sidecars and errors.jsonl")
     p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
+    p.add_argument("--num-shards", type=int, help="split a manifest over N runs (default: a Slurm job array's task "
+                                                  "count, else the JAX process count, else 1)")
+    p.add_argument("--shard-index", type=int, help="this run's shard, 0 .. N-1 (default: the Slurm array task or "
+                                                   "JAX process index)")
     _compile_cache_options(p)
     p.set_defaults(run=_generate)
 

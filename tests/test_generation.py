@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -210,7 +211,8 @@ def test_base_model_and_shared_identifier(model, photo, tmp_path):
     model_dir.write_manifest(base, ["unet", "vae", "text_encoder"], "test")
     pipe = BackgroundPipeline.from_pretrained(base)
     assert not pipe.has_cg and not pipe.has_pg
-    (image,) = pipe(photo["image"], photo["mask"], "any product at all", num_images=1, steps=STEPS)
+    with pytest.warns(UserWarning, match="'any product at all': the model has no learned identifiers"):
+        (image,) = pipe(photo["image"], photo["mask"], "any product at all", num_images=1, steps=STEPS)
     np.testing.assert_array_equal(np.asarray(image)[photo["mask"]], photo["image"][photo["mask"]])
 
     shared = tmp_path / "shared"
@@ -279,3 +281,151 @@ def test_cli_manifest_reports_broken_lines_and_resumes(model, photo, tmp_path, c
     assert "generated 0 images for 0 items" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in sorted(out.glob("*_[0-9].png"))] == times
     assert Image.open(out / "contact_sheet.png").size == (3 * 128, 2 * (128 + 18))
+
+
+def test_prompt_negative_prompt_and_latents(pipe, photo):
+    import jax
+
+    args = dict(num_images=2, seed=0, steps=STEPS, sampler="euler")
+    base = _arrays(pipe(photo["image"], photo["mask"], "lamp", **args))
+    # latents= replaces the seeded noise: the seed's own noise, given explicitly, gives the same images
+    # (the Euler sampler's initial sigma is not 1, so unscaled latents would not).
+    noise = np.stack([np.asarray(jax.random.normal(jax.random.split(jax.random.fold_in(jax.random.key(0), k))[0],
+                                                   (16, 16, 4))) for k in range(2)])
+    np.testing.assert_array_equal(_arrays(pipe(photo["image"], photo["mask"], "lamp", latents=noise, **args)), base)
+    other = _arrays(pipe(photo["image"], photo["mask"], "lamp", latents=noise[::-1], **args))
+    np.testing.assert_array_equal(other[0], base[1])
+    with pytest.raises(ValueError, match=r"latents: expected NHWC shape \(2, 16, 16, 4\)"):
+        pipe(photo["image"], photo["mask"], "lamp", latents=noise[:, :8], **args)
+
+    # The method's template written out as prompt= has the default's tokens and identifier; its product span
+    # is the category's own tokens (the template's is the whole "A photo of {category}").
+    custom = pipe.prompts.custom("A photo of {category}, in the background of {identifier}", "lamp")
+    default = pipe.prompts("lamp")
+    assert custom.text == default.text and custom.identifier_index == default.identifier_index >= 0
+    np.testing.assert_array_equal(custom.input_ids, default.input_ids)
+    words = ~np.isin(custom.input_ids, list(pipe.prompts.special_ids))
+    assert custom.fg_tokens[words].sum() == len("lamp") and np.all(custom.fg_tokens <= default.fg_tokens)
+    for kwargs in ({"prompt": "a {category} on a beach at night"}, {"negative_prompt": "blurry"}):
+        changed = _arrays(pipe(photo["image"], photo["mask"], "lamp", **kwargs, **args))
+        assert np.abs(changed.astype(int) - base).max() > 0, kwargs
+        np.testing.assert_array_equal(changed[:, photo["mask"]], base[:, photo["mask"]])  # the product untouched
+    with pytest.warns(UserWarning, match="not in the prompt"):
+        pipe(photo["image"], photo["mask"], "lamp", prompt="a beach at night", **args)
+
+
+def test_ignored_settings_warn_or_fail(pipe, photo):
+    args = dict(num_images=2, seed=0, steps=STEPS)
+    with pytest.warns(UserWarning, match="lambda_pg=0.5: ignored, PG runs only with a reference"):
+        pipe(photo["image"], photo["mask"], "lamp", lambda_pg=0.5, **args)
+    no_pg = pipe.variant(pg=False)
+    with pytest.raises(ValueError, match="reference: this model has no PG branch"):
+        no_pg(photo["image"], photo["mask"], "lamp", reference=photo["reference"],
+              reference_mask=photo["reference_mask"], **args)
+    prepared = pipe.variant(cg=False).prepare(photo["image"], photo["mask"], "lamp")
+    assert pipe.variant(cg=False).warnings(prepared, lambda_cg=0.3) == [
+        "lambda_cg=0.3: ignored, the model has no CG branch"]
+    assert pipe.variant(identifiers=False).warnings(prepared) == []  # switched off on purpose (eval's sd)
+
+
+def test_transformers5_tokenizer_generates_alike(model, pipe, photo, tmp_path):
+    from transformers import CLIPTokenizer
+
+    copy = shutil.copytree(model, tmp_path / "model", ignore=shutil.ignore_patterns("tokenizer"))
+    CLIPTokenizer.from_pretrained(str(model / "tokenizer")).save_pretrained(copy / "tokenizer")
+    assert not (copy / "tokenizer" / "vocab.json").exists()
+    args = dict(num_images=2, seed=0, steps=STEPS)
+    np.testing.assert_array_equal(
+        _arrays(BackgroundPipeline.from_pretrained(copy)(photo["image"], photo["mask"], "lamp", **args)),
+        _arrays(pipe(photo["image"], photo["mask"], "lamp", **args)))
+
+
+def test_every_setting_keys_the_cache(model, tmp_path):
+    import argparse
+    import types
+
+    from bgjax.cli import build_parser
+    from bgjax.sampling.generate import Item, _Run
+    from bgjax.sampling.settings import GenerationSettings, model_fingerprint
+
+    base = ["generate", "--model", str(model), "--out", str(tmp_path), "--product", "p.png", "--category", "lamp"]
+    changes = {"sampler": ["--sampler", "euler"], "steps": ["--steps", "7"], "guidance": ["--guidance", "3"],
+               "lambda_cg": ["--lambda-cg", "0.5"], "lambda_pg": ["--lambda-pg", "0.5"],
+               "style_guidance": ["--style-guidance"], "size": ["--size", "64"], "dtype": ["--dtype", "bfloat16"],
+               "prompt": ["--prompt", "a {category}"], "negative_prompt": ["--negative-prompt", "dark"],
+               "placement": ["--placement", "0.5", "0.5", "0.5"]}
+
+    def settings(argv: list[str], seed: int = 0, fingerprint: str = "m") -> GenerationSettings:
+        args: argparse.Namespace = build_parser().parse_args(argv)
+        item = Item(None, {"product": "p.png", "category": "lamp"}, tmp_path, seed, 1)
+        return _Run.settings(types.SimpleNamespace(args=args, fingerprint=fingerprint), item)
+
+    reference = settings(base)
+    assert settings(base) == reference and settings(base).key() == reference.key()
+    for field, extra in changes.items():
+        changed = settings(base + extra)
+        assert getattr(changed, field) != getattr(reference, field), field
+        assert changed.key() != reference.key(), field
+    assert settings(base, seed=1).key() != reference.key()
+    assert settings(base, fingerprint="other").key() != reference.key()
+    assert set(changes) | {"seed", "model"} == {f.name for f in dataclasses.fields(GenerationSettings)}
+
+    # The fingerprint reads contents: the same size and modification time with other bytes is another model.
+    copy = shutil.copytree(model, tmp_path / "model")
+    params = copy / "unet" / "params.safetensors"
+    stat = params.stat()
+    data = bytearray(params.read_bytes())
+    data[-1] ^= 1
+    params.write_bytes(bytes(data))
+    os.utime(params, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert model_fingerprint(copy) != model_fingerprint(model)
+
+
+def test_cli_rerun_writes_nothing_and_a_change_regenerates(model, photo, tmp_path, capsys):
+    f = photo["folder"]
+    argv = _generate_args(model, tmp_path, "--product", str(f / "product.png"), "--mask", str(f / "mask.png"),
+                          "--category", "lamp")
+    assert main(argv) == 0
+    first = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "generated 0 images for 0 items" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == first
+    assert main([*argv, "--guidance", "2.0"]) == 0
+    new = sorted(set(tmp_path.glob("*.png")) - set(first))
+    assert len(new) == 2
+    info = json.loads(new[0].with_suffix(".json").read_text())
+    assert info["settings"]["guidance"] == 2.0 and info["warnings"] == []
+    old = sorted(p for p in first if p.suffix == ".png")
+    assert not np.array_equal(np.asarray(Image.open(new[0])), np.asarray(Image.open(old[0])))
+    # An ignored setting is printed and recorded.
+    assert main([*argv, "--lambda-pg", "0.5"]) == 0
+    assert "lambda_pg=0.5: ignored" in capsys.readouterr().err
+    newest = max(tmp_path.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert json.loads(newest.read_text())["warnings"] == [
+        "lambda_pg=0.5: ignored, PG runs only with a reference and none was given"]
+
+
+def test_shards_together_make_the_one_machine_outputs(model, photo, tmp_path, monkeypatch):
+    f = photo["folder"]
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [{"product": str(f / "product.png"), "mask": str(f / "mask.png"), "category": "lamp", "seed": s}
+             for s in range(4)] + [{"product": str(f / "cutout.png"), "category": "coffee mug"}, {"category": "lamp"}]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    one = tmp_path / "one"
+    assert main(_generate_args(model, one, "--manifest", str(manifest), "--num-images", "1")) == 1
+    sharded = tmp_path / "sharded"
+    for index in ("1", "0"):  # the Slurm array's variables, as a job array task sees them
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", index)
+        assert main(_generate_args(model, sharded, "--manifest", str(manifest), "--num-images", "1")) in (0, 1)
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert len(names) == 5 and names == sorted(p.name for p in sharded.glob("*.png"))
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(Image.open(sharded / name)), np.asarray(Image.open(one / name)))
+    assert (sharded / "index.jsonl").read_text() == (one / "index.jsonl").read_text()
+    errors = [json.loads(x) for p in sorted(sharded.glob("errors-*.jsonl")) for x in p.read_text().splitlines()]
+    assert [e["line"] for e in errors] == [6] == [json.loads(x)["line"] for x in
+                                                  (one / "errors.jsonl").read_text().splitlines()]
+    assert main(_generate_args(model, sharded, "--manifest", str(manifest), "--num-shards", "2",
+                               "--shard-index", "2")) == 2

@@ -147,6 +147,10 @@ def test_non_weights_are_reported(ldm):
     assert set(ignored) == set(extra)
     assert all(ignored.values())
     assert "EMA" in ignored["model_ema.num_updates"]
+    lora = "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"
+    with pytest.raises(CheckpointError, match=re.escape(repr(lora))):
+        split_ldm_checkpoint({**ldm, lora: np.zeros((4, 4))})
+    assert lora in dict(split_ldm_checkpoint({**ldm, lora: np.zeros((4, 4))}, allow_extra_keys=True).ignored)
 
 
 def test_older_clip_layout_without_text_model(models, ldm):
@@ -234,6 +238,9 @@ def test_open_clip_against_diffusers():
 
     cfg = infer_configs(state)["text_encoder"]
     assert cfg["num_hidden_layers"] == last
+    # diffusers' own script writes the blocks diffusers kept and no projection head: none is dropped.
+    kept = {k: v for k, v in state.items() if not k.endswith(("text_projection", "logit_scale"))}
+    assert infer_configs(kept)["text_encoder"]["num_hidden_layers"] == last + 1
     assert cfg["hidden_act"] == "gelu"
     assert cfg["projection_dim"] == 32
     assert cfg["hidden_size"] == TEXT["hidden_size"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,10 +13,12 @@ from tqdm.auto import tqdm
 from bgjax import model_dir
 from bgjax.convert.checkpoint_io import find_weights, read_weights
 from bgjax.convert.torch_layout import params_to_state_dict, state_dict_to_params
-from bgjax.fileio import CheckpointError, write_json, write_safetensors
-from bgjax.method.store import load_method
+from bgjax.fileio import CheckpointError, read_safetensors, write_json, write_safetensors
+from bgjax.method.config import MethodConfig
+from bgjax.method.store import load_method, save_method
 from bgjax.models.components import COMPONENTS, build, param_shapes
 from bgjax.models.configs import ConfigError, read_config_json
+from bgjax.models.text_encoder import load_tokenizer
 
 REQUIRED = ("unet", "vae", "text_encoder")
 COPIED = ("tokenizer", "scheduler")
@@ -23,6 +26,12 @@ COPIED = ("tokenizer", "scheduler")
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "controlnet")
 # Known non-weight entries, skipped with the reason recorded.
 IGNORED = {"text_encoder": {"text_model.embeddings.position_ids": "position-id buffer, recomputed"}}
+# What a bgjax export adds to a diffusers folder: the method settings and the identifiers.
+METHOD_FILE, IDENTIFIERS_DIR = "method.json", "textual_inversion"
+# Other top-level entries a diffusers pipeline folder may hold, and why they are not converted.
+UNUSED = {"safety_checker": "bgjax has no safety checker", "feature_extractor": "only the safety checker uses it",
+          "image_encoder": "IP-Adapter image encoder, not part of this model", "README.md": "documentation",
+          ".gitattributes": "git metadata"}
 _VAE_DEPRECATED = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
@@ -57,9 +66,30 @@ def convert_component(kind: str, state: Mapping[str, np.ndarray], config: dict, 
     model_dir.save_component(out, kind, config, params)
 
 
-def import_diffusers(src: Path, out: Path) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """What `bgjax convert` wrote, and one line per input it did not use (with the reason)."""
+
+    components: list[str]
+    notes: list[str]
+
+
+def check_tokenizer(folder: Path, text_encoder_config: Mapping, source: str) -> None:
+    """The tokenizer copied into a model loads, and its ids fit the text encoder's embedding table."""
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: the tokenizer does not load ({e})") from None
+    rows = int(text_encoder_config.get("vocab_size", 0))
+    if len(tokenizer) > rows:
+        raise CheckpointError(f"{source}: the tokenizer has {len(tokenizer)} tokens, more than the text "
+                              f"encoder's {rows} embedding rows (vocab_size)")
+
+
+def import_diffusers(src: Path, out: Path) -> Conversion:
     """A diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, optional
-    controlnet/) -> a bgjax model directory. Returns the converted components."""
+    controlnet/; a bgjax export's cg/, pg/, method.json and textual_inversion/) -> a bgjax model
+    directory. Whatever is not converted is listed in the result's notes and conversion_report.json."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
@@ -67,21 +97,65 @@ def import_diffusers(src: Path, out: Path) -> list[str]:
     if missing:
         raise CheckpointError(f"{src}: not a diffusers pipeline folder (missing {', '.join(m + '/' for m in missing)})")
     kinds = [k for k in COMPONENTS if (src / k).is_dir()]
+    notes = []
     for kind in tqdm(kinds, desc="convert", unit="component"):
         weights = find_weights(src / kind)
         config = read_config_json(src / kind / "config.json")
         convert_component(kind, read_weights(weights), config, str(weights), out)
+        notes += [f"{p.relative_to(src)}: not used (another copy of {weights.relative_to(src)})"
+                  for p in sorted((src / kind).iterdir()) if p != weights and _is_weights(p)]
     copy_folders(src, out)
+    if (src / "tokenizer").is_dir():
+        check_tokenizer(out / "tokenizer", read_config_json(out / "text_encoder" / "config.json"),
+                        str(src / "tokenizer"))
+    else:
+        notes.append(f"{src}: no tokenizer/; the model cannot encode prompts until one is copied to "
+                     f"{out / 'tokenizer'}")
     if (src / "model_index.json").is_file():
         shutil.copyfile(src / "model_index.json", out / "model_index.json")
+    if (src / METHOD_FILE).is_file():
+        import_method(src, out)
+    elif (src / IDENTIFIERS_DIR).is_dir():
+        notes.append(f"{IDENTIFIERS_DIR}/: not used (no {METHOD_FILE} says which categories its tokens are)")
+    used = {*kinds, *COPIED, "model_index.json", METHOD_FILE, IDENTIFIERS_DIR}
+    notes += [f"{p.name}{'/' * p.is_dir()}: not used ({UNUSED.get(p.name, 'not a part bgjax converts')})"
+              for p in sorted(src.iterdir()) if p.name not in used]
     model_dir.write_manifest(out, kinds, source=str(src.resolve()))
-    return kinds
+    write_json(out / "conversion_report.json", {"source": str(src.resolve()), "not_used": notes})
+    return Conversion(kinds, notes)
+
+
+def _is_weights(path: Path) -> bool:
+    return path.is_file() and path.name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".ckpt"))
 
 
 def copy_folders(src: Path, out: Path) -> None:
     for name in COPIED:
         if (src / name).is_dir():
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+
+
+def import_method(src: Path, out: Path) -> None:
+    """A bgjax export's method.json and textual_inversion/ -> method.json + identifiers.safetensors."""
+    method = read_config_json(src / METHOD_FILE)
+    categories = method.pop("categories", [])
+    try:
+        config = MethodConfig.from_dict(method)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{src / METHOD_FILE}: {e}") from None
+    tokens = identifier_tokens(categories, config.identifiers == "shared")
+    rows = {}
+    for path in sorted((src / IDENTIFIERS_DIR).glob("*.safetensors")):
+        rows.update(read_safetensors(path))
+    missing = [t for t in tokens if t not in rows]
+    if missing:
+        raise CheckpointError(f"{src / IDENTIFIERS_DIR}: no embedding for the identifier token(s) "
+                              f"{', '.join(missing)} that {src / METHOD_FILE} implies")
+    extra = sorted(set(rows) - set(tokens))
+    if extra:
+        raise CheckpointError(f"{src / IDENTIFIERS_DIR}: token(s) {', '.join(extra)} are not the identifiers of "
+                              f"the categories in {src / METHOD_FILE}")
+    save_method(out, config, categories, np.stack([rows[t] for t in tokens]))
 
 
 def export_diffusers(model: Path, out: Path) -> list[str]:
@@ -95,8 +169,10 @@ def export_diffusers(model: Path, out: Path) -> list[str]:
         write_safetensors(out / kind / COMPONENTS[kind].weights_name, params_to_state_dict(params),
                           metadata={"format": "pt"})
     copy_folders(model, out)
-    if (model / "method.json").is_file():
-        export_identifiers(model, out / "textual_inversion")
+    if (model / METHOD_FILE).is_file():
+        # Kept beside the diffusers parts (which diffusers ignores) so that `bgjax convert` restores the model.
+        shutil.copyfile(model / METHOD_FILE, out / METHOD_FILE)
+        export_identifiers(model, out / IDENTIFIERS_DIR)
     index = (read_config_json(model / "model_index.json") if (model / "model_index.json").is_file()
              else pipeline_index(model, kinds))
     write_json(out / "model_index.json", index)
@@ -117,7 +193,6 @@ def pipeline_index(model: Path, kinds: list[str]) -> dict:
         scheduler = read_config_json(model / "scheduler" / "scheduler_config.json")
         index["scheduler"] = ["diffusers", scheduler.get("_class_name", "DDIMScheduler")]
     return index
-
 
 
 def identifier_tokens(categories: list[str], shared: bool) -> list[str]:

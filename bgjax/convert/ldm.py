@@ -16,12 +16,18 @@ from collections.abc import Mapping
 import numpy as np
 
 from bgjax.fileio import CheckpointError
+from bgjax.models.configs import ConfigError, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+# The original ControlNet release bundles its ControlNet with SD under this prefix.
+CONTROL_PREFIX = "control_model."
+SD_PREFIXES = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX)
+# Whole-file wrappers that training frameworks add (DDP's `module.`, a Lightning `model.`, a nested state_dict).
+WRAPPER_PREFIXES = ("state_dict.", "module.", "model.")
 
 _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -69,9 +75,9 @@ _NOT_WEIGHTS = {
 class LdmCheckpoint:
     """A split single-file checkpoint.
 
-    `components` maps 'unet' / 'vae' / 'text_encoder' (only those present) to diffusers /
-    transformers state dicts; `configs` holds the configs the split used; `ignored` lists
-    every input key that was not mapped, with the reason.
+    `components` maps 'unet' / 'vae' / 'text_encoder' / 'controlnet' (only those present) to
+    diffusers / transformers state dicts; `configs` holds the configs the split used; `ignored`
+    lists every input key that was not mapped, with the reason.
     """
 
     components: dict[str, dict[str, np.ndarray]]
@@ -325,19 +331,63 @@ def _text_config(vocab_size: int, hidden: int, intermediate: int, layers: int, p
 
 def _infer_clip(r: _Reader) -> dict:
     vocab, hidden = r.shape("embeddings.token_embedding.weight")
+    # SD-2's OpenCLIP ViT-H (1024-d, GELU) lands in this layout too: diffusers' script writes a
+    # transformers-5 text encoder (no `text_model.` keys) as if it were SD-1's.
     return _text_config(vocab, hidden, r.shape("encoder.layers.0.mlp.fc1.weight")[0],
                         r.count("encoder.layers.{}.mlp.fc1.weight"),
-                        r.shape("embeddings.position_embedding.weight")[0], "quick_gelu", hidden)
+                        r.shape("embeddings.position_embedding.weight")[0],
+                        "gelu" if hidden >= 1024 else "quick_gelu", hidden)
 
 
 def _infer_open_clip(r: _Reader) -> dict:
     vocab, hidden = r.shape("token_embedding.weight")
     proj = r.first("text_projection")
+    # SD-2 conditions on the penultimate block. The original release stores the whole OpenCLIP tower
+    # (24 blocks, with its projection head), so one block is dropped; diffusers' own script writes
+    # the 23 blocks diffusers keeps and no projection, so all are kept.
+    blocks = r.count("transformer.resblocks.{}.mlp.c_fc.weight")
     return _text_config(vocab, hidden, r.shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
-                        # SD-2 conditions on the penultimate block, so diffusers keeps one block fewer.
-                        r.count("transformer.resblocks.{}.mlp.c_fc.weight") - 1,
-                        r.shape("positional_embedding")[0], "gelu",
+                        blocks - (proj is not None), r.shape("positional_embedding")[0], "gelu",
                         int(proj.shape[1]) if proj is not None else hidden)
+
+
+def _controlnet_keymap(config: Mapping, hint_convs: int) -> _KeyMap:
+    """The original ControlNet's `control_model.*`: the UNet's encoder half, zero convs and the hint block."""
+    unet = _unet_keymap(config)  # a ControlNet config has no up blocks: the UNet default stands in
+    m = _KeyMap("controlnet")
+    encoder = ("time_embedding.", "conv_in.", "down_blocks.", "mid_block.")
+    m.exact = {k: v for k, v in unet.exact.items() if v.startswith(encoder)}
+    m.trees = {k: v for k, v in unet.trees.items() if v.startswith(encoder)}
+    n, layers = len(config["block_out_channels"]), _layers_per_block(config, 2)
+    for i in range(n * layers + n):  # one zero conv per input block, conv_in's included
+        m.add(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}")
+    m.add("middle_block_out.0", "controlnet_mid_block")
+    m.add("input_hint_block.0", "controlnet_cond_embedding.conv_in")
+    for j in range(1, hint_convs - 1):
+        m.add(f"input_hint_block.{2 * j}", f"controlnet_cond_embedding.blocks.{j - 1}")
+    m.add(f"input_hint_block.{2 * (hint_convs - 1)}", "controlnet_cond_embedding.conv_out")
+    return m
+
+
+def _infer_controlnet(state: Mapping[str, np.ndarray], unet_config: Mapping) -> tuple[dict, int]:
+    """The ControlNetModel config of a bundled `control_model.*` (its UNet part is the SD UNet's shape)
+    and the number of convs in its hint block."""
+    r = _Reader(state, CONTROL_PREFIX)
+    convs = []
+    while f"input_hint_block.{2 * len(convs)}.weight" in r:  # convs at even indices, SiLUs between
+        convs.append(r.shape(f"input_hint_block.{2 * len(convs)}.weight"))
+    if len(convs) < 2 or len(convs) % 2:
+        raise CheckpointError(f"cannot infer the controlnet config: {len(convs)} convs under "
+                              f"{CONTROL_PREFIX + 'input_hint_block'!r}, expected conv_in, pairs of blocks, conv_out")
+    try:
+        config = UNetConfig.from_dict(dict(unet_config)).controlnet_dict()
+    except ConfigError as e:
+        raise CheckpointError(f"controlnet config (from the unet's): {e}") from None
+    # conv_in, then per level a same-width conv and a stride-2 conv to the next width, then conv_out.
+    config["conditioning_channels"] = convs[0][1]
+    config["conditioning_embedding_out_channels"] = [convs[0][0]] + [convs[2 * j + 2][0]
+                                                                     for j in range((len(convs) - 2) // 2)]
+    return config, len(convs)
 
 
 def _text_kind(state: Mapping[str, np.ndarray]) -> str | None:
@@ -377,12 +427,26 @@ def infer_configs(state: Mapping[str, np.ndarray]) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------- LDM -> diffusers
 
 
-def _ignore_reason(key: str) -> str:
+def _ignore_reason(key: str) -> str | None:
+    """Why a key outside the SD prefixes is not a weight, or None for an unknown (extra) key."""
     if key.startswith(EMA_PREFIX):
         return "EMA copy of the UNet weights; the non-EMA weights are used"
     if _SCHEDULE_BUFFER.fullmatch(key):
         return "diffusion schedule / training buffer, not a network weight"
-    return "not part of an SD-1.x / SD-2.x UNet, VAE or text encoder"
+    return None
+
+
+def strip_wrappers(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The state dict without whole-file wrapper prefixes (`module.`, `model.`, `state_dict.`), and those
+    stripped, outermost first. A prefix is stripped only when every key has it and none is an SD key."""
+    state, stripped = dict(state), []
+    while state and not any(k.startswith((*SD_PREFIXES, CONTROL_PREFIX)) for k in state):
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        stripped.append(prefix)
+    return state, stripped
 
 
 def _unmappable(key: str, component: str) -> CheckpointError:
@@ -454,20 +518,29 @@ def _split_open_clip(state: Mapping[str, np.ndarray], config: Mapping,
     return out
 
 
-def split_ldm_checkpoint(state: Mapping[str, np.ndarray],
-                         configs: Mapping[str, dict] | None = None) -> LdmCheckpoint:
-    """Split an LDM single-file state dict into diffusers 'unet' / 'vae' / 'text_encoder' state dicts.
+def split_ldm_checkpoint(state: Mapping[str, np.ndarray], configs: Mapping[str, dict] | None = None,
+                         allow_extra_keys: bool = False) -> LdmCheckpoint:
+    """Split an LDM single-file state dict into diffusers 'unet' / 'vae' / 'text_encoder' state dicts,
+    and 'controlnet' when a ControlNet is bundled under `control_model.`.
 
     `configs` (diffusers / transformers config dicts by component) replace the inferred ones.
-    Raises CheckpointError naming the first key under a UNet / VAE / text-encoder prefix that
-    has no diffusers counterpart. Arrays are views of the input, not copies.
+    Raises CheckpointError naming the first key under a UNet / VAE / text-encoder / ControlNet prefix
+    that has no diffusers counterpart, and the keys outside them that are neither EMA copies nor
+    schedule buffers (an unmerged LoRA, another network) unless `allow_extra_keys`, which reports
+    them as ignored. Arrays are views of the input, not copies.
     """
     kind = _text_kind(state)
     present = _present(state)
-    configs = {name: dict(configs[name]) if configs and name in configs else _infer(state, name)
-               for name in present}
-    known = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX)
-    ignored = [(k, _ignore_reason(k)) for k in state if not k.startswith(known)]
+    given = dict(configs or {})
+    configs = {name: dict(given[name]) if name in given else _infer(state, name) for name in present}
+    outside = [k for k in state if not k.startswith((*SD_PREFIXES, CONTROL_PREFIX))]
+    extra = sorted(k for k in outside if _ignore_reason(k) is None)
+    if extra and not allow_extra_keys:
+        raise CheckpointError(f"{len(extra)} key(s) outside Stable Diffusion's UNet, VAE, text encoder and "
+                              f"ControlNet: {', '.join(repr(k) for k in extra[:8])}"
+                              f"{' and more' if len(extra) > 8 else ''} (--allow-extra-keys to convert without them)")
+    ignored = [(k, _ignore_reason(k) or "extra key outside the SD prefixes, left out (--allow-extra-keys)")
+               for k in outside]
     components: dict[str, dict[str, np.ndarray]] = {}
     if "unet" in present:
         components["unet"] = _split_keymap(state, _unet_keymap(configs["unet"]), UNET_PREFIX, ignored)
@@ -479,6 +552,14 @@ def split_ldm_checkpoint(state: Mapping[str, np.ndarray],
         components["text_encoder"] = _split_clip(state, ignored)
     elif kind == "open_clip":
         components["text_encoder"] = _split_open_clip(state, configs["text_encoder"], ignored)
+    if any(k.startswith(CONTROL_PREFIX) for k in state):
+        if "unet" not in configs:
+            raise CheckpointError(f"keys under {CONTROL_PREFIX!r} without a UNet: the ControlNet's config is the "
+                                  f"UNet's, so a ControlNet-only file cannot be converted here")
+        config, hint_convs = _infer_controlnet(state, configs["unet"])
+        configs["controlnet"] = config = dict(given.get("controlnet", config))
+        components["controlnet"] = _split_keymap(state, _controlnet_keymap(config, hint_convs), CONTROL_PREFIX,
+                                                 ignored)
     return LdmCheckpoint(components=components, configs=configs, ignored=ignored, text_encoder_kind=kind)
 
 

@@ -10,14 +10,15 @@ from tqdm.auto import tqdm
 
 from bgjax import model_dir
 from bgjax.convert.checkpoint_io import read_weights
-from bgjax.convert.diffusers_folder import REQUIRED, convert_component
-from bgjax.convert.ldm import split_ldm_checkpoint
+from bgjax.convert.diffusers_folder import REQUIRED, Conversion, check_tokenizer, convert_component
+from bgjax.convert.ldm import split_ldm_checkpoint, strip_wrappers
 from bgjax.fileio import CheckpointError, write_json
 from bgjax.models.configs import read_config_json
 
 _log = logging.getLogger(__name__)
 _CLASS_NAMES = {"unet": {"_class_name": "UNet2DConditionModel"}, "vae": {"_class_name": "AutoencoderKL"},
-                "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}}
+                "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"},
+                "controlnet": {"_class_name": "ControlNetModel"}}
 
 
 def default_scheduler_config(prediction_type: str) -> dict:
@@ -28,38 +29,54 @@ def default_scheduler_config(prediction_type: str) -> dict:
 
 
 def import_single_file(path: Path, out: Path, config_dir: str | Path | None = None,
-                       tokenizer: str | Path | None = None, prediction_type: str = "epsilon") -> list[str]:
+                       tokenizer: str | Path | None = None, prediction_type: str = "epsilon",
+                       allow_extra_keys: bool = False) -> Conversion:
     """Convert one checkpoint file. `config_dir` (a diffusers folder) supplies the component configs,
-    which otherwise are inferred from the weights with SD-1/SD-2 head counts. Keys that are not
-    model weights (noise-schedule buffers, EMA copies, VAE loss nets) are listed with their reason
-    in `conversion_report.json`; any other unmapped key is an error."""
+    which otherwise are inferred from the weights with SD-1/SD-2 head counts. A whole-file wrapper
+    prefix (`module.`, `model.`, `state_dict.`) is stripped; a bundled `control_model.*` ControlNet
+    becomes `controlnet/`. Keys that are not model weights (noise-schedule buffers, EMA copies, VAE
+    loss nets) are listed with their reason in `conversion_report.json`; keys outside SD's prefixes
+    are an error unless `allow_extra_keys`; any other unmapped key is an error."""
     path, out = Path(path), Path(out)
     config_dir = Path(config_dir) if config_dir else None
     configs = {}
     if config_dir is not None:
-        configs = {k: read_config_json(config_dir / k / "config.json") for k in REQUIRED
+        configs = {k: read_config_json(config_dir / k / "config.json") for k in (*REQUIRED, "controlnet")
                    if (config_dir / k / "config.json").is_file()}
-    ckpt = split_ldm_checkpoint(read_weights(path), configs)
+    state, wrappers = strip_wrappers(read_weights(path))
+    try:
+        ckpt = split_ldm_checkpoint(state, configs, allow_extra_keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     missing = [k for k in REQUIRED if k not in ckpt.components]
     if missing:
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no {', '.join(missing)} weights "
                               f"(found {', '.join(ckpt.components) or 'none'})")
-    for kind in tqdm(REQUIRED, desc="convert", unit="component"):
+    kinds = [k for k in (*REQUIRED, "controlnet") if k in ckpt.components]
+    for kind in tqdm(kinds, desc="convert", unit="component"):
         config = {**_CLASS_NAMES[kind], **ckpt.configs[kind]}
         convert_component(kind, ckpt.components[kind], config, f"{path} [{kind}]", out)
 
+    notes = [f"stripped the wrapper prefix {p!r} from every key" for p in wrappers]
     tokenizer = Path(tokenizer) if tokenizer else (config_dir / "tokenizer" if config_dir else None)
     if tokenizer is not None and tokenizer.is_dir():
         shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+        check_tokenizer(out / "tokenizer", ckpt.configs["text_encoder"], str(tokenizer))
     else:
-        _log.warning("%s: no tokenizer given (--tokenizer DIR); the model cannot encode prompts until "
-                     "one is copied to %s/tokenizer", path, out)
+        notes.append(f"no tokenizer given (--tokenizer DIR); the model cannot encode prompts until one is "
+                     f"copied to {out / 'tokenizer'}")
+        _log.warning("%s: %s", path, notes[-1])
     if config_dir is not None and (config_dir / "scheduler").is_dir():
         shutil.copytree(config_dir / "scheduler", out / "scheduler", dirs_exist_ok=True)
     else:
         write_json(out / "scheduler" / "scheduler_config.json", default_scheduler_config(prediction_type))
+    reasons: dict[str, int] = {}
+    for _, reason in ckpt.ignored:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    notes += [f"ignored {n} key(s): {reason}" for reason, n in reasons.items()]
     write_json(out / "conversion_report.json", {
         "source": str(path.resolve()), "text_encoder": ckpt.text_encoder_kind,
+        "text_layers": ckpt.configs["text_encoder"]["num_hidden_layers"], "wrappers_stripped": wrappers,
         "ignored": [{"key": k, "reason": r} for k, r in ckpt.ignored]})
-    model_dir.write_manifest(out, list(REQUIRED), source=str(path.resolve()))
-    return list(REQUIRED)
+    model_dir.write_manifest(out, kinds, source=str(path.resolve()))
+    return Conversion(kinds, notes)

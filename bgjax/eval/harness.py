@@ -13,7 +13,9 @@ Variants (rows of the table), one BackgroundPipeline each, sharing the model's p
 
     sd          the frozen UNet alone: text-to-image from the same prompt with no branches and no learned
                 identifiers (the placeholder stays an ordinary token), the product pasted back
-    controlnet  the CG branch's weights with plain cross-attention instead of mask-guided (the UNet's too)
+    controlnet  the model's converted ControlNet (controlnet/) on I * M in [0, 1] when it has one, else the CG
+                branch's weights with plain cross-attention instead of mask-guided (the UNet's too); the
+                sidecars' `cg_source` says which ran
     cg          CG with mask-guided cross-attention, no reference
     cg_pg       CG + PG with the reference: BG-pair's reference; on BG1K skipped unless --self-reference,
                 which uses each image's own background (PG's self-supervised training setup; PG then
@@ -31,11 +33,11 @@ is larger than the 2048 feature dims, `frechet_distance_of_features`: exact for 
 metric networks see each image once, batched and sharded (`bgjax.eval.features`).
 
 Outputs in OUT: images/VARIANT/ID_HASH_K.png + .json sidecars (the cache: the hash covers the record's
-bytes, the seed, the model's files and the settings, so a rerun skips finished images and a changed
-setting writes new ones), metrics.json, table.md, per_image.jsonl, tsne.png + tsne.json,
-contact_sheet_VARIANT.png, errors.jsonl. Metrics are recomputed on every run; the model is loaded only when
-something is left to generate. Each record's noise seed comes from (--seed, its id): the same in every
-variant, different across records.
+bytes, the variant and `GenerationSettings.key()`: the model's file contents, the seed and every setting;
+so a rerun skips finished images and a changed setting writes new ones), metrics.json, table.md,
+per_image.jsonl, tsne.png + tsne.json, contact_sheet_VARIANT.png, errors.jsonl. Metrics are recomputed on
+every run; the model is loaded only when something is left to generate. Each record's noise seed comes
+from (--seed, its id): the same in every variant, different across records.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from bgjax.fileio import atomic_write, write_json
 from bgjax.sampling.generate import THUMB, contact_sheet
 from bgjax.sampling.pipeline import BackgroundPipeline
 from bgjax.sampling.schedulers import SAMPLERS
+from bgjax.sampling.settings import GenerationSettings, model_fingerprint
 
 VARIANTS = {
     "sd": "SD",
@@ -156,17 +159,13 @@ def _item_seed(seed: int, item_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{item_id}".encode()).digest()[:4], "little")
 
 
-def _model_fingerprint(model: Path) -> list:
-    """Names, sizes and modification times of the model's weight files: retraining in place changes the key."""
-    files = sorted([*model.glob("*/params.safetensors"), *model.glob("*.safetensors"), *model.glob("*.json")])
-    return [(str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-
-
 def variant_pipeline(base: BackgroundPipeline, variant: str) -> BackgroundPipeline:
     """The pipeline of a generating variant (sd, controlnet, cg, cg_pg), sharing `base`'s params."""
     if variant == "sd":
         return base.variant(cg=False, pg=False, identifiers=False)
-    if variant == "controlnet":
+    if variant == "controlnet":  # the model's own ControlNet when it has one, else CG's weights without the mask
+        if base.controlnet is not None:
+            return base.variant(pg=False, unet_region_mode="none", controlnet=True)
         return base.variant(pg=False, cg_region_mode="none", unet_region_mode="none")
     if variant == "cg":
         return base.variant(pg=False)
@@ -184,7 +183,7 @@ class _Run:
         self.errors: list[dict] = []
         self.counts: dict[str, dict[str, int]] = {}
         self._base: BackgroundPipeline | None = None
-        self._fingerprint = _model_fingerprint(Path(args.model))
+        self._fingerprint = model_fingerprint(Path(args.model))
 
     @property
     def base(self) -> BackgroundPipeline:
@@ -200,6 +199,8 @@ class _Run:
         if variant in ("sd", "real"):
             return None
         present = model_dir.components(Path(self.args.model))
+        if variant == "controlnet" and "controlnet" in present:
+            return None
         if "cg" not in present:
             return f"the model has no CG branch ({Path(self.args.model) / 'cg'} missing)"
         if variant in ("controlnet", "cg"):
@@ -226,9 +227,17 @@ class _Run:
                 "lambda_cg": a.lambda_cg, "lambda_pg": a.lambda_pg, "size": a.size, "dtype": a.dtype,
                 "self_reference": bool(a.self_reference) and variant == "cg_pg"}
 
+    def generation_settings(self, item: EvalItem) -> GenerationSettings:
+        a = self.args
+        return GenerationSettings(model=self._fingerprint, sampler=a.sampler, steps=a.steps, guidance=float(a.guidance),
+                                  lambda_cg=a.lambda_cg, lambda_pg=a.lambda_pg, style_guidance=False, size=a.size,
+                                  placement=None, dtype=a.dtype, prompt=None, negative_prompt="",
+                                  seed=_item_seed(a.seed, item.id))
+
     def outputs(self, variant: str, item: EvalItem) -> list[tuple[Path, Path]]:
-        key = json.dumps([item.id, item.digest, self.args.seed, str(Path(self.args.model).resolve()),
-                          self._fingerprint, self.settings(variant)])
+        # The variant and its reference choice are eval's own; the rest is what any generation is keyed on.
+        key = json.dumps([item.id, item.digest, variant, self.settings(variant)["self_reference"],
+                          self.generation_settings(item).key()])
         stem = f"{_safe(item.id)}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
         folder = self.out / "images" / variant
         return [(folder / f"{stem}_{k}.png", folder / f"{stem}_{k}.json") for k in range(self.args.images_per_item)]
@@ -268,7 +277,9 @@ class _Run:
                         else (item.ref_id if reference is not None else None),
                         "model": str(Path(a.model).resolve()), "data": str(Path(a.data).resolve()),
                         "split": self.split, **self.settings(variant), "lambda_cg": lambda_cg,
-                        "lambda_pg": lambda_pg, "bgjax_version": __version__}
+                        "lambda_pg": lambda_pg, "settings_key": self.generation_settings(item).key(),
+                        "cg_source": pipe.cg_source if pipe.has_cg else None,
+                        "bgjax_version": __version__}
                 for k, (image, (png, sidecar)) in enumerate(zip(images, self.outputs(variant, item), strict=True)):
                     atomic_write(png, lambda tmp, image=image: image.save(tmp, format="PNG"))
                     write_json(sidecar, {**info, "image_index": k})  # last: its presence marks the image done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,29 @@ class PromptBuilder:
         whose BOS/EOS/padding tokens keep both spans non-empty."""
         if not empty and not (isinstance(category, str) and category.strip()):
             raise ValueError(f"category: must be a non-empty name, got {category!r}")
-        text, bg_start, ident = ("", 0, (-1, -1)) if empty else self.text(category.strip())
+        if empty:
+            return self.encode("", None, (-1, -1))
+        text, bg_start, ident = self.text(category.strip())
+        return self.encode(text, (0, bg_start), ident)
+
+    def custom(self, template: str, category: str = "") -> Prompt:
+        """A prompt of the caller's words: `{category}` becomes the category (the span P_fg; the rest is
+        P_bg) and `{identifier}` the identifier placeholder. Without `{category}` every token is in both
+        spans, so mask-guided attention lets the whole prompt attend everywhere."""
+        text, product, ident = "", None, (-1, -1)
+        for piece in re.split(r"(\{category\}|\{identifier\})", template):
+            if piece == "{category}":
+                product = (len(text), len(text) + len(category))
+                piece = category
+            elif piece == "{identifier}":
+                ident = (len(text), len(text) + len(self.config.identifier_placeholder))
+                piece = self.config.identifier_placeholder
+            text += piece
+        return self.encode(text, product, ident)
+
+    def encode(self, text: str, product: tuple[int, int] | None, ident: tuple[int, int]) -> Prompt:
+        """Token ids and spans of `text`: tokens within the character range `product` are P_fg, the others
+        P_bg (all tokens both when `product` is None); `ident` is the placeholder's character range."""
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
         ids, offsets = list(enc.input_ids), list(enc.offset_mapping)
         if len(ids) > self.max_length:
@@ -67,11 +90,14 @@ class PromptBuilder:
         ident_index = -1
         for i in range(self.max_length):
             if i >= n or ids[i] in self.special_ids:
-                if self.config.special_tokens_in_both_spans or empty:
+                if self.config.special_tokens_in_both_spans or product is None:
                     fg[i] = bg[i] = 1.0
                 continue
             start, end = offsets[i]
-            (fg if start < bg_start else bg)[i] = 1.0
+            if product is None:
+                fg[i] = bg[i] = 1.0
+            else:
+                (fg if product[0] <= start < product[1] else bg)[i] = 1.0
             if start < ident[1] and end > ident[0]:
                 ident_index = i
         return Prompt(text, np.asarray(ids, np.int32), fg, bg, ident_index)

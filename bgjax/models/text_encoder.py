@@ -95,11 +95,17 @@ class CLIPTextModel(nn.Module):
 
 
 def load_tokenizer(path: str | Path):
-    """transformers' CLIPTokenizer from a local folder (vocab.json + merges.txt); never downloads."""
+    """transformers' CLIPTokenizer from a local folder; never downloads.
+
+    Either layout loads: `tokenizer.json` (what transformers 5 `save_pretrained` writes, with
+    `tokenizer_config.json`) or the classic `vocab.json` + `merges.txt`.
+    """
     from transformers import CLIPTokenizer
 
     path = Path(path)
-    missing = [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path}: not a CLIP tokenizer folder (missing {', '.join(missing)})")
+    fast = (path / "tokenizer.json").is_file()
+    classic = all((path / f).is_file() for f in ("vocab.json", "merges.txt"))
+    if not (fast or classic):
+        raise FileNotFoundError(f"{path}: not a CLIP tokenizer folder (needs tokenizer.json, "
+                                f"or vocab.json + merges.txt)")
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)

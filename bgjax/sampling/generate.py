@@ -1,9 +1,13 @@
 """`bgjax generate`: one product, or a manifest of products, to PNG images with JSON sidecars.
 
-Outputs are `OUT/{product stem}_{hash}_{k}.png` + `.json`; the hash covers the item's inputs as written
-(product, mask, category, reference, reference mask, seed), so a rerun finds its own files and skips
-items whose images and sidecars all exist. A manifest's broken lines are reported with their line
-number and reason on stderr and in `OUT/errors.jsonl` (rewritten each run), and skipped.
+Outputs are `OUT/{product stem}_{hash}_{k}.png` + `.json`; the hash covers the item's inputs (paths as
+written and the files' contents, category) and the `GenerationSettings` (model contents, sampler, steps,
+guidance, lambdas, size, dtype, prompts, seed, ...), so a rerun skips exactly the items whose images and
+sidecars all exist for these settings and regenerates any other. A manifest's broken lines are reported with their line
+number and reason on stderr and in `OUT/errors.jsonl` (rewritten each run), and skipped; `OUT/index.jsonl`
+lists each line's images. With `--num-shards N` (or a Slurm array / JAX processes) shard I takes rows
+I, I + N, ... and writes `errors-I-of-N.jsonl` / `index-I-of-N.jsonl`; the last shard to finish writes
+the merged `index.jsonl`.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
@@ -26,6 +33,7 @@ from bgjax import __version__
 from bgjax.fileio import atomic_write, write_json
 from bgjax.sampling.pipeline import DEFAULT_PLACEMENT, BackgroundPipeline, Prepared
 from bgjax.sampling.schedulers import SAMPLERS
+from bgjax.sampling.settings import GenerationSettings, file_digest, model_fingerprint
 
 MANIFEST_FIELDS = ("product", "mask", "category", "reference", "reference_mask", "seed", "num_images")
 _PATH_FIELDS = ("product", "mask", "reference", "reference_mask")
@@ -46,14 +54,18 @@ class Item:
     def path(self, key: str) -> Path | None:
         return None if self.fields.get(key) is None else self.base / self.fields[key]
 
-    @property
-    def stem(self) -> str:
-        key = json.dumps([self.fields.get(k) for k in (*_PATH_FIELDS, "category")] + [self.seed])
+    def stem(self, settings: GenerationSettings) -> str:
+        """The file stem of this item's outputs under `settings`: the product's name and a digest of the
+        inputs (as written, and the files' bytes) and of every setting."""
+        digests = {k: file_digest(p) if (p := self.path(k)) is not None and p.is_file() else None
+                   for k in _PATH_FIELDS}
+        key = json.dumps([[self.fields.get(k) for k in (*_PATH_FIELDS, "category")], digests, settings.key()])
         name = re.sub(r"[^\w.-]+", "-", Path(self.fields["product"]).stem)[:60] or "product"
         return f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
-    def outputs(self, out: Path) -> list[tuple[Path, Path]]:
-        return [(out / f"{self.stem}_{k}.png", out / f"{self.stem}_{k}.json") for k in range(self.num_images)]
+    def outputs(self, out: Path, settings: GenerationSettings) -> list[tuple[Path, Path]]:
+        stem = self.stem(settings)
+        return [(out / f"{stem}_{k}.png", out / f"{stem}_{k}.json") for k in range(self.num_images)]
 
 
 def _int(value, name: str, low: int) -> int:
@@ -126,8 +138,17 @@ class _Run:
         self.pipe = BackgroundPipeline.from_pretrained(args.model, jnp.bfloat16 if args.dtype == "bfloat16"
                                                        else jnp.float32)
         self.placement = tuple(args.placement) if args.placement else DEFAULT_PLACEMENT
+        self.fingerprint = model_fingerprint(Path(args.model))
         self.sheet: list[tuple[str, Image.Image, list[Image.Image]]] = []
         self.items = self.images = self.skipped = 0
+
+    def settings(self, item: Item) -> GenerationSettings:
+        a = self.args
+        return GenerationSettings(
+            model=self.fingerprint, sampler=a.sampler, steps=a.steps, guidance=float(a.guidance),
+            lambda_cg=a.lambda_cg, lambda_pg=a.lambda_pg, style_guidance=bool(a.style_guidance), size=a.size,
+            placement=tuple(a.placement) if a.placement else None, dtype=a.dtype, prompt=a.prompt,
+            negative_prompt=a.negative_prompt or "", seed=item.seed)
 
     def prepare(self, item: Item) -> Prepared:
         paths = {k: item.path(k) for k in _PATH_FIELDS}
@@ -136,7 +157,8 @@ class _Run:
 
     def process(self, item: Item) -> None:
         """Generate and write one item (or skip it when done); raises ValueError for bad input."""
-        outputs = item.outputs(self.out)
+        settings = self.settings(item)
+        outputs = item.outputs(self.out, settings)
         done = all(png.is_file() and sidecar.is_file() for png, sidecar in outputs)
         if done and not self.args.contact_sheet:
             self.skipped += 1
@@ -147,26 +169,35 @@ class _Run:
             images = [Image.open(png) for png, _ in outputs]
         else:
             a = self.args
-            images = self.pipe.generate(prepared, item.num_images, item.seed, a.steps, a.guidance, a.lambda_cg,
-                                        a.lambda_pg, a.sampler, a.batch_size, a.style_guidance)
-            self.write(item, prepared, images, outputs)
+            notes = self.pipe.warnings(prepared, a.lambda_cg, a.lambda_pg, a.prompt)
+            for note in notes:
+                tqdm.write(f"bgjax generate: warning: {item.fields['product']}: {note}", file=sys.stderr)
+            with warnings.catch_warnings():  # printed above and recorded in the sidecars
+                warnings.simplefilter("ignore", UserWarning)
+                images = self.pipe.generate(prepared, item.num_images, item.seed, a.steps, a.guidance, a.lambda_cg,
+                                            a.lambda_pg, a.sampler, a.batch_size, a.style_guidance,
+                                            prompt=a.prompt, negative_prompt=a.negative_prompt or "")
+            self.write(item, prepared, images, outputs, settings, notes)
             self.items, self.images = self.items + 1, self.images + len(images)
         if self.args.contact_sheet:
             label = f"{prepared.category}  ({Path(item.fields['product']).name}, seed {item.seed})"
             thumbs = [ImageOps.contain(im, (THUMB, THUMB)) for im in [Image.fromarray(prepared.product), *images]]
             self.sheet.append((label, thumbs[0], thumbs[1:]))
 
-    def write(self, item: Item, prepared: Prepared, images: list[Image.Image],
-              outputs: list[tuple[Path, Path]]) -> None:
+    def write(self, item: Item, prepared: Prepared, images: list[Image.Image], outputs: list[tuple[Path, Path]],
+              settings: GenerationSettings, notes: list[str]) -> None:
         a = self.args
         lambda_cg, lambda_pg = self.pipe.lambdas(prepared, a.lambda_cg, a.lambda_pg)
+        prompt = prepared.prompt.text if a.prompt is None else self.pipe.prompts.custom(a.prompt,
+                                                                                        prepared.category).text
         info = {
-            "prompt": prepared.prompt.text, "category": prepared.category, "seed": item.seed,
-            "num_images": item.num_images, "model": str(Path(a.model).resolve()), "sampler": a.sampler,
-            "steps": a.steps, "guidance": a.guidance, "style_guidance": a.style_guidance, "lambda_cg": lambda_cg,
-            "lambda_pg": lambda_pg,
+            "prompt": prompt, "negative_prompt": settings.negative_prompt, "category": prepared.category,
+            "seed": item.seed, "num_images": item.num_images, "model": str(Path(a.model).resolve()),
+            "sampler": a.sampler, "steps": a.steps, "guidance": a.guidance, "style_guidance": a.style_guidance,
+            "lambda_cg": lambda_cg, "lambda_pg": lambda_pg,
             "dtype": a.dtype, "size": list(images[0].size), "placement": prepared.placement,
             **{k: None if item.path(k) is None else str(item.path(k)) for k in _PATH_FIELDS},
+            "warnings": notes, "settings": settings.to_dict(), "settings_key": settings.key(),
             "bgjax_version": __version__,
         }
         if item.line is not None:
@@ -197,17 +228,43 @@ def _single(run: _Run) -> int:
     return 0
 
 
+def shard_of(args: argparse.Namespace) -> tuple[int, int]:
+    """(shard index, shard count): --shard-index/--num-shards, else a Slurm job array's task, else the JAX
+    process (a pod slice), else (0, 1)."""
+    if args.num_shards is not None or args.shard_index is not None:
+        index, count = args.shard_index or 0, args.num_shards or 1
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    else:
+        index, count = jax.process_index(), jax.process_count()
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard {index} of {count}: expected 0 <= --shard-index < --num-shards")
+    return index, count
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
+
+
 def _manifest(run: _Run) -> int:
     a, manifest = run.args, Path(run.args.manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: manifest not found")
+    try:
+        shard, shards = shard_of(a)
+    except ValueError as e:
+        print(f"bgjax generate: error: {e}", file=sys.stderr)
+        return 2
     items, errors = [], []
     try:
         rows = list(read_manifest(manifest))
     except (ValueError, UnicodeDecodeError, csv.Error) as e:
         print(f"bgjax generate: error: {manifest}: {e}", file=sys.stderr)
         return 2
-    for line, row, reason in rows:
+    # Row r (broken ones included) belongs to shard r mod N: the shards cover the manifest once.
+    for line, row, reason in rows[shard::shards]:
         if reason is None:
             try:
                 items.append(make_item(row, line, manifest.parent, a.seed, a.num_images))
@@ -221,19 +278,33 @@ def _manifest(run: _Run) -> int:
 
     for error in errors:
         report(error)
+    index = []
     with tqdm(total=sum(i.num_images for i in items), unit="img", desc="generate") as bar:
         for item in items:
             try:
                 run.process(item)
+                index.append({"line": item.line, **item.fields, "seed": item.seed,
+                              "images": [png.name for png, _ in item.outputs(run.out, run.settings(item))]})
             except ValueError as e:
                 errors.append({"line": item.line, "input": item.fields, "reason": str(e)})
                 report(errors[-1])
             bar.update(item.num_images)
     errors.sort(key=lambda e: e["line"])
-    atomic_write(run.out / "errors.jsonl", lambda tmp: Path(tmp).write_text(
-        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors), encoding="utf-8"))
-    print(run.summary(len(errors)))
+    suffix = "" if shards == 1 else f"-{shard:05d}-of-{shards:05d}"
+    _jsonl(run.out / f"errors{suffix}.jsonl", errors)
+    _jsonl(run.out / f"index{suffix}.jsonl", index)
+    if shards > 1:
+        _merge_index(run.out, shards)
+    print(run.summary(len(errors)) + (f" [shard {shard} of {shards}]" if shards > 1 else ""))
     return 1 if errors else 0
+
+
+def _merge_index(out: Path, shards: int) -> None:
+    """OUT/index.jsonl of every shard's outputs, once all N shard indexes exist (whichever shard ends last)."""
+    parts = [out / f"index-{i:05d}-of-{shards:05d}.jsonl" for i in range(shards)]
+    if all(p.is_file() for p in parts):
+        rows = [json.loads(line) for p in parts for line in p.read_text(encoding="utf-8").splitlines()]
+        _jsonl(out / "index.jsonl", sorted(rows, key=lambda r: r["line"]))
 
 
 def generate_command(args: argparse.Namespace) -> int:

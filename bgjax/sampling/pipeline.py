@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -122,17 +123,22 @@ def _encode_prompts(models: Models, params: dict, prompts: dict) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("models", "sampler"))
 def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: jax.Array, indices: jax.Array,
-            mask: jax.Array, cg_cond: jax.Array | None, pg_cond: jax.Array | None, guidance: jax.Array,
-            lambda_cg: jax.Array, lambda_pg: jax.Array, lambda_pg_uncond: jax.Array) -> jax.Array:
-    """uint8 images (B, h, w, 3) for the images `indices` (B,) of `seed`; conditions are (B, h, w, ...).
-    PG's residuals are scaled by `lambda_pg` in the conditional pass, by `lambda_pg_uncond` in the other."""
+            latents: jax.Array | None, mask: jax.Array, cg_cond: jax.Array | None, pg_cond: jax.Array | None,
+            guidance: jax.Array, lambda_cg: jax.Array, lambda_pg: jax.Array,
+            lambda_pg_uncond: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(final latents (B, h/f, w/f, C), images (B, h, w, 3) in [0, 1]) for the images `indices` (B,) of `seed`,
+    or from `latents` (B, h/f, w/f, C) instead of the seeded noise; conditions are (B, h, w, ...). The prompts'
+    row 0 is the conditional, row 1 the unconditional (negative) prompt. PG's residuals are scaled by
+    `lambda_pg` in the conditional pass, by `lambda_pg_uncond` in the other."""
     _TRACES["sample"] += 1  # runs only while tracing
     vae_cfg, factor = models.vae.config, _vae_factor(models.vae)
     batch, height, width = mask.shape
     keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(jax.random.key(seed), i)))(indices)
     init_keys, step_keys = keys[:, 0], keys[:, 1]
     shape = (height // factor, width // factor, vae_cfg.latent_channels)
-    x = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys) * sampler.init_noise_sigma
+    if latents is None:
+        latents = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
+    x = latents.astype(jnp.float32) * sampler.init_noise_sigma  # as diffusers' prepare_latents, given or drawn
 
     # Each image's conditional and unconditional rows sit next to each other ((B, 2, ...) -> (2B, ...)),
     # so the doubled batch stays on the image's device. The unconditional pass keeps the branch conditions
@@ -162,7 +168,11 @@ def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed:
     (x, _), _ = jax.lax.scan(step, (x, sampler.init_state(x)), jnp.arange(sampler.num_inference_steps))
     images = models.vae.apply({"params": params["vae"]}, x / vae_cfg.scaling_factor + vae_cfg.shift_factor,
                               method=models.vae.decode)
-    return jnp.round((jnp.clip(images.astype(jnp.float32), -1, 1) + 1) * 127.5).astype(jnp.uint8)
+    return x, (jnp.clip(images.astype(jnp.float32), -1, 1) + 1) / 2
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    return np.round(images * 255).astype(np.uint8)
 
 
 def _pil(source: ImageLike, what: str) -> Image.Image | Path | bytes:
@@ -252,11 +262,19 @@ class BackgroundPipeline:
     """
 
     def __init__(self, model: Path, models: Models, params: dict, tokenizer, scheduler_config: dict,
-                 config: MethodConfig, categories: list[str] | None):
+                 config: MethodConfig, categories: list[str] | None, controlnet: nn.Module | None = None,
+                 cg_source: str = "cg"):
         """Usually called by `from_pretrained`. `params`: {"denoiser": {"unet", "cg", "pg"}, "text_encoder",
-        "vae", "identifiers": the (categories or 1, hidden) table, or None for a base model}."""
+        "vae", "identifiers": the (categories or 1, hidden) table, or None for a base model, and "controlnet"
+        with `controlnet`, a plain ControlNet (a converted `controlnet/`) for `text_to_image(control_image=)`}."""
         self.model = Path(model)
-        self.models, self.config = models, config
+        self.models, self.config, self.controlnet = models, config, controlnet
+        # What sits in the CG slot: "cg" (the paper's branch) or "controlnet" (the converted ControlNet, which
+        # like every diffusers ControlNet takes its image in [0, 1]).
+        self.cg_source = cg_source
+        # A model without learned identifiers: a category only enters the prompt as text (`warnings` says so;
+        # a variant keeps its original's value, so switching identifiers off on purpose is silent).
+        self.base_model = params.get("identifiers") is None and not categories
         self.scheduler_config = scheduler_config
         self.vocabulary = CategoryVocabulary(categories) if categories else None
         self.prompts = PromptBuilder(tokenizer, config, models.text_encoder.config.max_position_embeddings)
@@ -290,12 +308,15 @@ class BackgroundPipeline:
             _, categories, identifiers = load_method(model)
         params = {"denoiser": denoiser_params, "text_encoder": text_params, "vae": vae_params,
                   "identifiers": identifiers}
+        controlnet = None
+        if "controlnet" in model_dir.components(model):
+            controlnet, params["controlnet"] = model_dir.load_component(model, "controlnet", dtype, dtype)
         return cls(model, Models(denoiser, text_encoder, vae), params, load_tokenizer(model / "tokenizer"),
-                   read_config_json(model / "scheduler" / "scheduler_config.json"), config, categories)
+                   read_config_json(model / "scheduler" / "scheduler_config.json"), config, categories, controlnet)
 
     def variant(self, cg: bool = True, pg: bool = True, identifiers: bool = True,
                 cg_region_mode: RegionMode | None = None,
-                unet_region_mode: RegionMode | None = None) -> BackgroundPipeline:
+                unet_region_mode: RegionMode | None = None, controlnet: bool = False) -> BackgroundPipeline:
         """This pipeline with parts switched off, sharing its params (nothing is reloaded): for ablations
         and the baselines of `bgjax eval`.
 
@@ -305,17 +326,27 @@ class BackgroundPipeline:
         - `cg_region_mode`: rebuild CG's cross-attention, e.g. "none" for plain cross-attention (ControlNet)
           instead of the mask-guided one, with the same weights; `unet_region_mode` the same for the UNet
           (mask-guided only when the model's `MethodConfig.mask_guided_unet` is set).
+        - `controlnet=True`: the model's plain ControlNet (a converted `controlnet/`) in CG's place, given the
+          product condition I * M in [0, 1] as diffusers ControlNets are trained.
         """
         d = self.models.denoiser
         cg_module = d.cg if cg else None
+        params = {**self.params, "identifiers": self.params["identifiers"] if identifiers else None}
+        if controlnet:
+            if self.controlnet is None:
+                raise ValueError(f"controlnet: {self.model} has no controlnet/")
+            cg_module = self.controlnet
+            params["denoiser"] = {**self.params["denoiser"], "cg": self.params["controlnet"]}
         if cg_module is not None and cg_region_mode is not None:
             cg_module = cg_module.clone(region_mode=cg_region_mode)
         unet = d.unet if unet_region_mode is None else d.unet.clone(region_mode=unet_region_mode)
         denoiser = dataclasses.replace(d, unet=unet, cg=cg_module, pg=d.pg if pg else None)
-        params = {**self.params, "identifiers": self.params["identifiers"] if identifiers else None}
         categories = self.vocabulary.names if identifiers and self.vocabulary is not None else None
-        return type(self)(self.model, dataclasses.replace(self.models, denoiser=denoiser), params,
-                          self.prompts.tokenizer, self.scheduler_config, self.config, categories)
+        out = type(self)(self.model, dataclasses.replace(self.models, denoiser=denoiser), params,
+                         self.prompts.tokenizer, self.scheduler_config, self.config, categories, self.controlnet,
+                         "controlnet" if controlnet else self.cg_source if cg else "cg")
+        out.base_model = self.base_model
+        return out
 
     @property
     def has_cg(self) -> bool:
@@ -337,10 +368,10 @@ class BackgroundPipeline:
             raise ValueError(e.args[0]) from None
         return self.vocabulary.names[row], row
 
-    def _check_size(self, size: int) -> int:
+    def _check_size(self, size: int, what: str = "size") -> int:
         g = self.granularity
         if isinstance(size, bool) or not isinstance(size, int) or size < g or size % g:
-            raise ValueError(f"size: must be a positive multiple of {g} for this model, got {size!r}")
+            raise ValueError(f"{what}: must be a positive multiple of {g} for this model, got {size!r}")
         return size
 
     def _work_size(self, width: int, height: int, long_side: int) -> tuple[int, int]:
@@ -371,6 +402,9 @@ class BackgroundPipeline:
         canvas = self._cutout(image, side, placement) if mask is None else self._photo(image, mask, side, feather)
         cg_cond, m = product_condition(to_float(canvas.work), (canvas.work_mask >= 128).astype(np.float32))
         pg_cond = None
+        if reference is not None and not self.has_pg:
+            raise ValueError("reference: this model has no PG branch (no pg/ folder), so a reference cannot change "
+                             "the images; generate without one, or use a model trained with PG")
         if reference is not None:
             pg_cond = self._reference(reference, reference_mask, (canvas.work.shape[1], canvas.work.shape[0]))
         elif reference_mask is not None:
@@ -419,17 +453,107 @@ class BackgroundPipeline:
         pg = (self.config.lambda_pg if lambda_pg is None else float(lambda_pg)) if run_pg else None
         return cg, pg
 
+    def warnings(self, prepared: Prepared, lambda_cg: float | None = None, lambda_pg: float | None = None,
+                 prompt: str | None = None) -> list[str]:
+        """What a generation with these settings ignores, in words (`generate` warns with them and
+        `bgjax generate` records them in the sidecars)."""
+        notes = []
+        if lambda_cg is not None and not self.has_cg:
+            notes.append(f"lambda_cg={lambda_cg}: ignored, the model has no CG branch")
+        if lambda_pg is not None and prepared.pg_cond is None:
+            notes.append(f"lambda_pg={lambda_pg}: ignored, PG runs only with a reference and none was given")
+        if self.base_model and prompt is None:
+            notes.append(f"category {prepared.category!r}: the model has no learned identifiers; the category only "
+                         f"enters the prompt as text")
+        if prompt is not None and "{category}" not in prompt:
+            notes.append(f"category {prepared.category!r}: not in the prompt (it has no {{category}}), so it does "
+                         f"not reach the model")
+        return notes
+
     def generate(self, prepared: Prepared, num_images: int = 4, seed: int = 0, steps: int = 25,
                  guidance: float = 7.5, lambda_cg: float | None = None, lambda_pg: float | None = None,
                  sampler: str = "dpmpp_2m", batch_size: int | None = None,
-                 style_guidance: bool = False) -> list[Image.Image]:
+                 style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str = "",
+                 latents: np.ndarray | None = None) -> list[Image.Image]:
         """Images 0 .. num_images - 1 of `seed` for prepared inputs. Image k is the same whatever
         `num_images`, `batch_size` and the device count (up to float rounding).
 
         `style_guidance`: the unconditional pass of classifier-free guidance runs without PG, so
         `guidance` amplifies the reference's style along with the prompt. By default (DESIGN.md)
         that pass keeps PG too, and a strong guidance can wash a small model's style transfer out
-        (the bundled model: the tone of a reference carries over only with it)."""
+        (the bundled model: the tone of a reference carries over only with it).
+
+        `prompt` replaces the method's template (`{category}` becomes the category and marks the
+        product span, `{identifier}` the learned identifier); `negative_prompt` is the unconditional
+        pass's prompt; `latents` (num_images, h/f, w/f, C), NHWC, replace the seeded noise (as
+        diffusers' `latents=`, they are scaled by the sampler's initial sigma)."""
+        for note in self.warnings(prepared, lambda_cg, lambda_pg, prompt):
+            warnings.warn(note, stacklevel=2)
+        cg_scale, pg_scale = self.lambdas(prepared, lambda_cg, lambda_pg)
+        cond = prepared.prompt if prompt is None else self.prompts.custom(_text(prompt, "prompt"), prepared.category)
+        cg_cond = prepared.cg_cond if self.has_cg else None
+        if cg_cond is not None and self.cg_source == "controlnet":
+            cg_cond = (cg_cond + prepared.mask[..., None]) / 2  # I * M with I in [0, 1]
+        _, images = self._run(
+            self.models, self.params, cond, self._negative(negative_prompt), prepared.identifier_row, prepared.mask,
+            cg_cond, prepared.pg_cond if pg_scale is not None else None,
+            (cg_scale, pg_scale, 0.0 if style_guidance else pg_scale), num_images, seed, steps, guidance, sampler,
+            batch_size, latents)
+        height, width = prepared.source.shape[:2]
+        return [Image.fromarray(paste_back(_resize(im, (width, height), Image.Resampling.LANCZOS)
+                                           if im.shape[:2] != (height, width) else im, prepared))
+                for im in map(_uint8, images)]
+
+    def text_to_image(self, prompt: str, *, negative_prompt: str = "", latents: np.ndarray | None = None,
+                      num_images: int = 1, seed: int = 0, steps: int = 25, guidance: float = 7.5,
+                      sampler: str = "dpmpp_2m", width: int | None = None, height: int | None = None,
+                      control_image: ImageLike | None = None, controlnet_conditioning_scale: float = 1.0,
+                      output_type: str = "pil", batch_size: int | None = None):
+        """Plain Stable Diffusion, as diffusers' `StableDiffusionPipeline(prompt=..., negative_prompt=...,
+        latents=...)`: the UNet alone (no CG, PG or identifiers), the prompt as written.
+
+        With `control_image` the model's plain ControlNet (a converted `controlnet/`) runs as in
+        `StableDiffusionControlNetPipeline`: the image (resized to the output size) in [0, 1], its
+        residuals scaled by `controlnet_conditioning_scale`. `latents` are NHWC (diffusers: NCHW).
+        `output_type`: "pil" (a list of images), "np" ((N, H, W, 3) float32 in [0, 1]) or "latent"
+        (the final latents, (N, h, w, C) NHWC)."""
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type: expected 'pil', 'np' or 'latent', got {output_type!r}")
+        size = (self._check_size(self.resolution if width is None else width, "width"),
+                self._check_size(self.resolution if height is None else height, "height"))
+        d = self.models.denoiser
+        unet = d.unet if d.unet.region_mode == "none" else d.unet.clone(region_mode="none")
+        denoiser, branch, cond = Denoiser(unet), {"unet": self.params["denoiser"]["unet"]}, None
+        if control_image is not None:
+            if self.controlnet is None:
+                raise ValueError(f"control_image: {self.model} has no controlnet/ (convert a "
+                                 f"StableDiffusionControlNetPipeline folder to get one)")
+            denoiser, branch["cg"] = Denoiser(unet, cg=self.controlnet), self.params["controlnet"]
+            _, image = load_image(_pil(control_image, "control_image"), "control_image")
+            rgb = _rgb(image)
+            if rgb.size != size:
+                rgb = rgb.resize(size, Image.Resampling.LANCZOS)  # diffusers' image processor resamples alike
+            cond = np.asarray(rgb, np.float32) / 255
+        models = dataclasses.replace(self.models, denoiser=denoiser)
+        params = {**self.params, "denoiser": branch, "identifiers": None}
+        x, images = self._run(models, params, self.prompts.encode(_text(prompt, "prompt"), None, (-1, -1)),
+                              self._negative(negative_prompt), 0, np.ones(size[::-1], np.float32), cond, None,
+                              (float(controlnet_conditioning_scale), 0.0, 0.0), num_images, seed, steps, guidance,
+                              sampler, batch_size, latents)
+        if output_type == "latent":
+            return x
+        return images if output_type == "np" else [Image.fromarray(_uint8(im)) for im in images]
+
+    def _negative(self, negative_prompt: str) -> Prompt:
+        # The empty negative prompt is the method's unconditional prompt (every token in both spans).
+        return self.prompts.encode(_text(negative_prompt, "negative_prompt"), None, (-1, -1))
+
+    def _run(self, models: Models, params: dict, cond: Prompt, uncond: Prompt, identifier_row: int,
+             mask: np.ndarray, cg_cond: np.ndarray | None, pg_cond: np.ndarray | None,
+             scales: tuple[float | None, float | None, float | None], num_images: int, seed: int, steps: int,
+             guidance: float, sampler: str, batch_size: int | None,
+             latents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(final latents, images in [0, 1]) of the sampling program, in batches sharded over the devices."""
         for value, what, low in ((num_images, "num_images", 1), (seed, "seed", 0), (steps, "steps", 1)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise ValueError(f"{what}: expected an int >= {low}, got {value!r}")
@@ -438,18 +562,21 @@ class BackgroundPipeline:
         batch_size = num_images if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        shape = (num_images, mask.shape[0] // self.vae_factor, mask.shape[1] // self.vae_factor,
+                 self.models.vae.config.latent_channels)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents: expected NHWC shape {shape} (num_images, height / {self.vae_factor}, "
+                                 f"width / {self.vae_factor}, channels), got {latents.shape}")
         sampler_obj = _sampler(sampler, json.dumps(self.scheduler_config, sort_keys=True), steps)
-        cg_scale, pg_scale = self.lambdas(prepared, lambda_cg, lambda_pg)
-        empty = self.prompts("", empty=True)
-        prompts = {k: np.stack([getattr(prepared.prompt, k), getattr(empty, k)])
-                   for k in ("input_ids", "fg_tokens", "bg_tokens")}
-        prompts["identifier_index"] = np.array([prepared.prompt.identifier_index, -1], np.int32)
-        prompts["identifier_rows"] = np.array([prepared.identifier_row, 0], np.int32)
-        pg_uncond = 0.0 if style_guidance else pg_scale
-        scalars = [np.float32(v or 0.0) for v in (guidance, cg_scale, pg_scale, pg_uncond)]
+        prompts = {k: np.stack([getattr(cond, k), getattr(uncond, k)]) for k in ("input_ids", "fg_tokens", "bg_tokens")}
+        prompts["identifier_index"] = np.array([cond.identifier_index, -1], np.int32)
+        prompts["identifier_rows"] = np.array([identifier_row, 0], np.int32)
+        scalars = [np.float32(v or 0.0) for v in (guidance, *scales)]
 
         devices, batched = self.mesh.size, NamedSharding(self.mesh, P("data"))
-        images = []
+        xs, images = [], []
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             padded = -(-n // devices) * devices  # every device gets the same number of images; extras dropped
@@ -457,15 +584,17 @@ class BackgroundPipeline:
             def put(a: np.ndarray | None, padded: int = padded) -> jax.Array | None:
                 return None if a is None else jax.device_put(np.broadcast_to(a, (padded, *a.shape)), batched)
 
+            given = None
+            if latents is not None:
+                chunk = latents[start:start + n]
+                given = jax.device_put(np.concatenate([chunk, np.zeros((padded - n, *shape[1:]), np.float32)]),
+                                       batched)
             indices = jax.device_put(np.arange(start, start + padded, dtype=np.int32), batched)
-            out = _sample(self.models, sampler_obj, self.params, prompts, np.uint32(seed), indices,
-                          put(prepared.mask), put(prepared.cg_cond) if self.has_cg else None,
-                          put(prepared.pg_cond) if pg_scale is not None else None, *scalars)
-            images.extend(np.asarray(out)[:n])
-        height, width = prepared.source.shape[:2]
-        return [Image.fromarray(paste_back(_resize(im, (width, height), Image.Resampling.LANCZOS)
-                                           if im.shape[:2] != (height, width) else im, prepared))
-                for im in images]
+            x, out = _sample(models, sampler_obj, params, prompts, np.uint32(seed), indices, given, put(mask),
+                             put(cg_cond), put(pg_cond), *scalars)
+            xs.append(np.asarray(x)[:n])
+            images.append(np.asarray(out)[:n])
+        return np.concatenate(xs), np.concatenate(images)
 
     def __call__(self, product: ImageLike, mask: ImageLike | None = None, category: str = "",
                  reference: ImageLike | None = None, reference_mask: ImageLike | None = None,
@@ -473,9 +602,16 @@ class BackgroundPipeline:
                  lambda_cg: float | None = None, lambda_pg: float | None = None, sampler: str = "dpmpp_2m",
                  size: int | None = None, placement: Sequence[float] = DEFAULT_PLACEMENT,
                  feather: int | None = None, batch_size: int | None = None,
-                 style_guidance: bool = False) -> list[Image.Image]:
+                 style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str = "",
+                 latents: np.ndarray | None = None) -> list[Image.Image]:
         """`num_images` PIL images of the product on generated backgrounds; see `prepare` for the inputs
         and `generate` for the sampling arguments."""
         prepared = self.prepare(product, mask, category, reference, reference_mask, size, placement, feather)
         return self.generate(prepared, num_images, seed, steps, guidance, lambda_cg, lambda_pg, sampler, batch_size,
-                             style_guidance)
+                             style_guidance, prompt=prompt, negative_prompt=negative_prompt, latents=latents)
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what}: expected a string, got {type(value).__name__}")
+    return value
