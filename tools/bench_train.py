@@ -31,7 +31,7 @@ from bgjax.train.loop import Trainer, peak_tflops
 from bgjax.train.models import load_stage
 
 UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680  # torch FLOP counter, per image
-CONFIG = Path(__file__).parent.parent / "configs" / "cg_sd15_512.py"
+CONFIG = "cg_sd15_512"  # bundled with bgjax
 
 
 def synthetic_batch(models, categories: dict, batch: int, resolution: int, latents: bool) -> dict:
