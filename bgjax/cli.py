@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples("bgjax demo", "bgjax configs",
                          f"bgjax generate --product {products}/rice_cooker.png --category 'rice cooker' --out ads"))
     parser.add_argument("--version", action="version", version=f"bgjax {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
     def command(name: str, summary: str, description: str, examples: tuple[str, ...], run) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=description, epilog=_examples(*examples),
@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "which lists every input written or rejected with its reason) from BG60k, your own folder or "
                    "bgjax's synthetic generator; `bgjax data inspect` summarises a dataset and draws a grid.",
                    ("bgjax data synthetic --num 64 --out data/synthetic", "bgjax data inspect data/synthetic"), None)
-    data = data.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    data = data.add_subparsers(dest="source", required=True, metavar="SOURCE",
+                               help="where the inputs come from (or inspect a written dataset):")
 
     def source(name: str, summary: str, description: str, examples: tuple[str, ...]) -> argparse.ArgumentParser:
         p = data.add_parser(name, help=summary, description=description, epilog=_examples(*examples),

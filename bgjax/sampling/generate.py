@@ -86,13 +86,17 @@ def read_manifest(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         yield (row.line, row.fields, None) if row.error is None else (row.line, {"raw": row.raw}, row.error)
 
 
-def contact_sheet(rows: list[tuple[str, Image.Image, list[Image.Image]]], path: Path) -> None:
-    """A PNG grid: per row the product, then its generated images, under a label."""
+def contact_sheet(rows: list[tuple[str, Image.Image, list[Image.Image]]], path: Path, title: str = "") -> None:
+    """A PNG grid: per row the product, then its generated images, under a label; `title` (the settings)
+    on a line above them all."""
     columns = 1 + max(len(images) for _, _, images in rows)
-    sheet = Image.new("RGB", (columns * THUMB, len(rows) * (THUMB + LABEL_HEIGHT)), "white")
+    top = LABEL_HEIGHT if title else 0
+    sheet = Image.new("RGB", (columns * THUMB, top + len(rows) * (THUMB + LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 3), title, fill="black")
     for r, (label, product, images) in enumerate(rows):
-        y = r * (THUMB + LABEL_HEIGHT)
+        y = top + r * (THUMB + LABEL_HEIGHT)
         draw.text((4, y + 3), label, fill="black")
         for c, image in enumerate([product, *images]):
             thumb = ImageOps.contain(image, (THUMB, THUMB))
@@ -134,7 +138,9 @@ class _Run:
             self.write(item, prepared, images, outputs)
             self.items, self.images = self.items + 1, self.images + len(images)
         if self.args.contact_sheet:
-            label = f"{prepared.category}  ({Path(item.fields['product']).name}, seed {item.seed})"
+            reference = item.fields.get("reference")
+            label = (f"{prepared.category}  ({Path(item.fields['product']).name}, seed {item.seed}"
+                     + (f", reference {Path(reference).name})" if reference else ")"))
             thumbs = [ImageOps.contain(im, (THUMB, THUMB)) for im in [Image.fromarray(prepared.product), *images]]
             self.sheet.append((label, thumbs[0], thumbs[1:]))
 
@@ -272,6 +278,8 @@ def generate_command(args: argparse.Namespace) -> int:
     run = _Run(args)  # the output folder appears with its first file (atomic_write makes it)
     status = _manifest(run, items, errors) if args.manifest else _single(run, item)
     if args.contact_sheet and run.sheet:
-        contact_sheet(run.sheet, run.out / "contact_sheet.png")
+        contact_sheet(run.sheet, run.out / "contact_sheet.png", f"{Path(args.model).name}: {args.sampler}, "
+                      f"{args.steps} steps, guidance {args.guidance}" + (", style guidance" if args.style_guidance
+                                                                           else ""))
         print(f"contact sheet: {run.out / 'contact_sheet.png'}")
     return status

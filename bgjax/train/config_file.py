@@ -75,6 +75,18 @@ def _fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return names
 
 
+def _close(config: ml_collections.ConfigDict, name: str) -> list[str]:
+    """Field names like a misspelt `name`: its siblings by leaf name when its parent exists, else any field."""
+    *parents, leaf = name.split(".")
+    node = config
+    for p in parents:
+        node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and parents:
+        prefix = ".".join(parents) + "."
+        return [prefix + k for k in difflib.get_close_matches(leaf, list(node.keys()), n=3, cutoff=0.7)]
+    return difflib.get_close_matches(name, _fields(config), n=3, cutoff=0.7)
+
+
 def _override(config: ml_collections.ConfigDict, item: str, path: Path) -> None:
     if not item.startswith("--config.") or "=" not in item:
         raise ConfigError(f"{item!r}: overrides look like --config.optim.learning_rate=1e-4")
@@ -84,7 +96,7 @@ def _override(config: ml_collections.ConfigDict, item: str, path: Path) -> None:
     for p in parents:
         node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        close = difflib.get_close_matches(name, _fields(config), n=3, cutoff=0.6)
+        close = _close(config, name)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"--config.{name}: {path} has no field {name!r}{hint}")
     current, value = node[leaf], _parse(text, node[leaf])
