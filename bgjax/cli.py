@@ -38,6 +38,10 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote diffusers folder with {', '.join(kinds)} to {args.out}")
 
 
+# A shard (or its marker / temporary file) of `bgjax data`: group 1 is the shard's name.
+_SHARD_FILE = re.compile(r"^(.+-\d{5}-of-\d{5}\.(?:array_record|tfrecord))(?:\.done\.json|\.tmp)?$")
+
+
 def _data(args: argparse.Namespace) -> None:
     from bgjax.data import sources
     from bgjax.data.convert import write_dataset
@@ -45,7 +49,7 @@ def _data(args: argparse.Namespace) -> None:
     out = Path(args.out)
     # An interrupted run left only shards and their markers: rerunning resumes it (each shard is verified).
     interrupted = out.is_dir() and not (out / "manifest.json").exists() and any(out.iterdir()) and all(
-        re.search(r"-\d{5}-of-\d{5}\.", e.name) for e in out.iterdir())
+        _SHARD_FILE.match(e.name) for e in out.iterdir())
     if not interrupted:
         claim_output(out, args.overwrite)
     if args.source == "bg60k":
@@ -55,7 +59,10 @@ def _data(args: argparse.Namespace) -> None:
         split = "folder"
     else:
         listing, split = sources.list_synthetic(args.num, args.seed, args.size), "synthetic"
-    m = write_dataset(listing, Path(args.out), args.format, split, args.records_per_shard, args.workers)
+    m = write_dataset(listing, out, args.format, split, args.records_per_shard, args.workers)
+    kept = {s["path"] for s in m["shards"]}
+    for stale in [e for e in out.iterdir() if (hit := _SHARD_FILE.match(e.name)) and hit.group(1) not in kept]:
+        stale.unlink()  # an interrupted run's shards that this conversion did not use
     print(f"{m['num_written']} of {m['num_inputs']} inputs written to {len(m['shards'])} shards in {args.out}; "
           f"{len(m['rejected'])} rejected (reasons in {Path(args.out) / 'manifest.json'})")
 

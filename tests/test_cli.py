@@ -227,7 +227,10 @@ def test_data_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
     (out / "manifest.json").unlink()  # as if interrupted before the manifest: the shards resume
     shard = next(out.glob("*.array_record"))
     stamp = shard.stat().st_mtime_ns
+    (out / "synthetic-00000-of-00009.array_record.done.json").write_text("{}")  # another interrupted run's
     assert main(args[:3] + ["12"] + args[4:]) == 0 and shard.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", shard.name, shard.name + ".done.json"])  # the stale marker is gone
 
 
 def test_overwrite_never_deletes_the_current_folder(tmp_path, monkeypatch, capsys):
@@ -274,10 +277,12 @@ def test_contact_sheet_has_a_settings_line(tmp_path):
     assert titled.shape[:2] == (THUMB + 2 * LABEL_HEIGHT, 2 * THUMB) and (titled[:LABEL_HEIGHT] < 128).any()
 
 
-def test_demo_refuses_a_previous_demo(tmp_path, capsys):
+def test_demo_refuses_a_previous_demo_and_a_non_model(tmp_path, capsys, no_loading):
     (tmp_path / "contact_sheet.png").write_bytes(b"old")
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "not empty (contact_sheet.png)" in capsys.readouterr().err
+    assert main(["demo", "--model", str(tmp_path), "--out", str(tmp_path / "demo")]) == 2
+    assert "not a bgjax model (no bgjax.json)" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
 def test_gitignore_covers_the_demo_output():

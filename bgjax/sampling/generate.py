@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bgjax import __version__
 from bgjax.convert.checkpoint_io import atomic_write, write_json
+from bgjax.convert.errors import CheckpointError
 from bgjax.sampling.pipeline import DEFAULT_PLACEMENT, BackgroundPipeline, Prepared
 from bgjax.sampling.schedulers import SAMPLERS
 from bgjax.tables import COLUMNS, read_table
@@ -170,16 +171,17 @@ class _Run:
 
 
 def check_model(model: Path) -> None:
-    """Fail fast, before anything loads, on a folder that is not a bgjax model (ValueError naming it)."""
+    """Fail fast, before anything loads, on a folder that is not a bgjax model (CheckpointError naming it)."""
     model = Path(model)
     if not model.is_dir():
-        raise ValueError(f"--model {model}: no such folder")
+        raise CheckpointError(f"--model {model}: no such folder")
     if not (model / "bgjax.json").is_file():
-        raise ValueError(f"--model {model}: not a bgjax model (no bgjax.json); `bgjax convert` makes one from a "
-                         f"diffusers folder or a .safetensors checkpoint, `bgjax train` writes one in WORKDIR/model")
+        raise CheckpointError(f"--model {model}: not a bgjax model (no bgjax.json); `bgjax convert` makes one from "
+                              f"a diffusers folder or a .safetensors checkpoint, `bgjax train` writes one in "
+                              f"WORKDIR/model")
     missing = [f"{k}/config.json" for k in ("unet", "vae", "text_encoder") if not (model / k / "config.json").is_file()]
     if missing:
-        raise ValueError(f"--model {model}: an incomplete bgjax model (missing {', '.join(missing)})")
+        raise CheckpointError(f"--model {model}: an incomplete bgjax model (missing {', '.join(missing)})")
 
 
 def _missing_files(item: Item) -> str | None:
