@@ -46,12 +46,6 @@ def _data(args: argparse.Namespace) -> None:
     from bgjax.data import sources
     from bgjax.data.convert import write_dataset
 
-    out = Path(args.out)
-    # An interrupted run left only shards and their markers: rerunning resumes it (each shard is verified).
-    interrupted = out.is_dir() and not (out / "manifest.json").exists() and any(out.iterdir()) and all(
-        _SHARD_FILE.match(e.name) for e in out.iterdir())
-    if not interrupted:
-        claim_output(out, args.overwrite)
     if args.source == "bg60k":
         listing, split = sources.list_bg60k(Path(args.root), args.split), args.split
     elif args.source == "folder":
@@ -59,6 +53,12 @@ def _data(args: argparse.Namespace) -> None:
         split = "folder"
     else:
         listing, split = sources.list_synthetic(args.num, args.seed, args.size), "synthetic"
+    out = Path(args.out)  # OUT is touched only once the inputs are listed
+    # An interrupted run left only shards and their markers: rerunning resumes it (each shard is verified).
+    interrupted = out.is_dir() and not (out / "manifest.json").exists() and any(out.iterdir()) and all(
+        _SHARD_FILE.match(e.name) for e in out.iterdir())
+    if not interrupted:
+        claim_output(out, args.overwrite)
     m = write_dataset(listing, out, args.format, split, args.records_per_shard, args.workers)
     kept = {s["path"] for s in m["shards"]}
     for stale in [e for e in out.iterdir() if (hit := _SHARD_FILE.match(e.name)) and hit.group(1) not in kept]:
@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train a stage (vae, unet, cg, pg) from a config",
                 "Trains one stage (vae, unet, cg = the paper's stage 1, pg = stage 2) as a config describes. "
                 "Override any field with --config.a.b=value (typed like the field). WORKDIR gets checkpoints, "
-                "TensorBoard logs, sample grids (WORKDIR/samples) and, at the end, the trained model in "
-                "WORKDIR/model; rerunning the same command resumes from the last checkpoint.",
+                "TensorBoard logs, sample grids (WORKDIR/samples, every --config.sample_every=N steps) and, at "
+                "the end, the trained model in WORKDIR/model; rerunning the same command resumes from the last "
+                "checkpoint.",
                 ("bgjax train --config tiny_synthetic --workdir runs/tiny_cg",
                  "bgjax train --config tiny_synthetic --workdir runs/quick --config.num_steps=10 "
                  "--config.data.synthetic_num=64",

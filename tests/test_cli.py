@@ -164,7 +164,7 @@ def _cutout(size: int = 24) -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
-def test_tables_share_columns_case_and_report_unknown_fields(tmp_path):
+def test_tables_share_columns_case_and_report_unknown_fields(tmp_path, capsys):
     """Catches: `image` only in data folders and `product` only in manifests, case-sensitive headers,
     unknown JSONL keys dropped silently, a CSV's unclosed quote reported where the file ends."""
     from bgjax.data.sources import list_folder
@@ -189,6 +189,11 @@ def test_tables_share_columns_case_and_report_unknown_fields(tmp_path):
     assert [r[0] for r in rows] == [2, 3] and "to line 4" in rows[1][2]  # the quote opens on line 3
     (tmp_path / "multi.csv").write_text('product,category\n\n"a\n.png",lamp\nb.png,mug\n')
     assert [r[0] for r in read_manifest(tmp_path / "multi.csv")] == [3, 5]  # a row's first line
+    (tmp_path / "bad.csv").write_text("image,Categry\na.png,lamp\n")
+    assert main(["data", "folder", "--images", str(tmp_path / "img"), "--categories", str(tmp_path / "bad.csv"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "bad.csv:1: unknown column 'Categry'; did you mean category?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_folder_uses_alpha_when_a_mask_folder_lacks_the_image(tmp_path):

@@ -13,8 +13,11 @@ import sys
 import venv
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from bgjax.train.samples import LABEL, MIN_CELL
 
 ROOT = Path(__file__).parent.parent
 SKIP = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "runs", ".pytest_cache", ".ruff_cache",
@@ -68,7 +71,12 @@ def test_first_day_from_the_wheel(installed, tmp_path):
            "--config.data.synthetic_num=24", "--config.data.batch_size=8", "--config.log_every=5",
            "--config.checkpoint_every=10", "--config.sample_every=10", "--config.sample_steps=2")
     assert (day / "run" / "model" / "bgjax.json").is_file()
-    assert (day / "run" / "samples" / "step_0000010.png").is_file()  # the help: sample grids in WORKDIR/samples
+    # The help: sample grids in WORKDIR/samples. CG rows are product | generated under a label; all 6
+    # synthetic categories although num_samples is 4; a settings line on top.
+    grid = np.asarray(Image.open(day / "run" / "samples" / "step_0000010.png").convert("L"))
+    assert grid.shape == (LABEL + 6 * (LABEL + MIN_CELL), 2 * MIN_CELL)
+    label_rows = [0] + [LABEL + k * (LABEL + MIN_CELL) for k in range(6)]
+    assert all((grid[y:y + LABEL] < 100).any() for y in label_rows)  # text on each label line
 
     site = Path(subprocess.run([str(installed[0] / "python"), "-c", "import bgjax.demo; print(bgjax.demo.PRODUCTS)"],
                                env=installed[1], capture_output=True, text=True, check=True).stdout.strip())
