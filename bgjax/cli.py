@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bgjax import __version__
-from bgjax.outputs import claim_output
+from bgjax.outputs import claim_output, fresh_output
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -19,12 +19,12 @@ def _convert(args: argparse.Namespace) -> None:
     src = Path(args.src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
-    claim_output(Path(args.out), args.overwrite)
-    if src.is_dir():
-        kinds = import_diffusers(src, Path(args.out))
-    else:
-        kinds = import_single_file(src, Path(args.out), config_dir=args.config, tokenizer=args.tokenizer,
-                                   prediction_type=args.prediction_type)
+    with fresh_output(Path(args.out), args.overwrite) as out:
+        if src.is_dir():
+            kinds = import_diffusers(src, out)
+        else:
+            kinds = import_single_file(src, out, config_dir=args.config, tokenizer=args.tokenizer,
+                                       prediction_type=args.prediction_type)
     print(f"wrote {', '.join(kinds)} to {args.out}")
 
 
@@ -33,8 +33,8 @@ def _export(args: argparse.Namespace) -> None:
     from bgjax.model_dir import components
 
     components(Path(args.model))  # a folder that is not a bgjax model fails here, before OUT is touched
-    claim_output(Path(args.out), args.overwrite)
-    kinds = export_diffusers(Path(args.model), Path(args.out))
+    with fresh_output(Path(args.out), args.overwrite) as out:
+        kinds = export_diffusers(Path(args.model), out)
     print(f"wrote diffusers folder with {', '.join(kinds)} to {args.out}")
 
 
@@ -128,8 +128,8 @@ def _demo(args: argparse.Namespace) -> None:
     from bgjax.sampling.generate import check_model
 
     check_model(Path(args.model))
-    claim_output(Path(args.out), args.overwrite)
-    summary = run_demo(Path(args.out), Path(args.model), args.num_images, args.steps)
+    with fresh_output(Path(args.out), args.overwrite) as out:
+        summary = run_demo(out, Path(args.model), args.num_images, args.steps)
     for row in summary["results"]:
         reference = f", reference tone {row['reference_tone']:.2f}" if "reference_tone" in row else ""
         print(f"{row['name']:<24} backgrounds look like: {', '.join(row['background_styles'])}; "

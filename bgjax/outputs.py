@@ -1,9 +1,12 @@
 """Output folders: a writer refuses a folder that already holds files unless told to overwrite, and then
-empties it first, so nothing stale from an earlier run (an old grid, shards of another dataset) survives."""
+empties it first, so nothing stale from an earlier run (an old grid, shards of another dataset) survives;
+`fresh_output` also removes a failed command's partial output."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -25,3 +28,20 @@ def claim_output(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
         else:
             entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def fresh_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """`claim_output`, then on any failure inside the block remove what was written (OUT was empty when it
+    began), so a failed command leaves nothing behind."""
+    out = Path(out)
+    existed = out.is_dir()
+    claim_output(out, overwrite)
+    try:
+        yield out
+    except BaseException:
+        if existed:
+            claim_output(out, overwrite=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -149,10 +149,17 @@ def test_generate_checks_files_and_model_before_loading(tmp_path, capsys, no_loa
     assert not out.exists()
 
 
-def test_export_of_a_non_model_touches_nothing(tmp_path, capsys):
+def test_failed_export_and_convert_leave_nothing(tmp_path, capsys):
+    """Catches: an output folder (or a half-written model) left behind by a command that failed."""
     (tmp_path / "folder").mkdir()
     assert main(["export", str(tmp_path / "folder"), "--out", str(tmp_path / "exported")]) == 2
     assert "not a bgjax model directory" in capsys.readouterr().err and not (tmp_path / "exported").exists()
+    (tmp_path / "src" / "unet").mkdir(parents=True)
+    assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "model")]) == 2
+    assert "missing vae/, text_encoder/" in capsys.readouterr().err and not (tmp_path / "model").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "empty")]) == 2
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
 
 
 # one table vocabulary -------------------------------------------------------------------------------------
