@@ -90,7 +90,8 @@ def run_demo(out: Path, model: Path = MODEL, num_images: int = 4, steps: int = 2
         tone = synthetic.background_tone(np.asarray(Image.open(reference)), np.asarray(Image.open(reference_mask)))
         add_row(f"{REFERENCE_CATEGORY.replace(' ', '_')}_ref_{name}", REFERENCE_CATEGORY, images,
                 Image.open(reference).convert("RGB"), reference_tone=round(tone, 3))
-    sheet = _grid(rows)
+    sheet = _grid(rows, f"{Path(model).name}: {steps} steps, guidance 7.5, seed {seed}; "
+                         "first column: the input (product or reference)")
     sheet.save(out / "contact_sheet.png")
     summary = {"model": str(model), "seconds": time.perf_counter() - t0, "steps": steps, "results": results}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
@@ -109,10 +110,13 @@ def _placed_mask(pipe, alpha: np.ndarray) -> np.ndarray:
     return place_cutout(Image.fromarray(rgba, "RGBA"), (pipe.resolution, pipe.resolution))[1]
 
 
-def _grid(rows: list[list[Image.Image]]) -> Image.Image:
+def _grid(rows: list[list[Image.Image]], title: str) -> Image.Image:
+    from PIL import ImageDraw
+
     w, h = rows[0][0].size
-    sheet = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    sheet = Image.new("RGB", (w * max(len(r) for r in rows), 14 + h * len(rows)), "white")
+    ImageDraw.Draw(sheet).text((2, 1), title, fill="black")
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
-            sheet.paste(image.resize((w, h)), (j * w, i * h))
+            sheet.paste(image.resize((w, h)), (j * w, 14 + i * h))
     return sheet

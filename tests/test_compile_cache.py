@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bgjax.cli import build_parser, compile_cache_dir, main
 
-CONFIG = Path(__file__).parent.parent / "configs" / "tiny_synthetic.py"
+CONFIG = Path(__file__).parent.parent / "bgjax" / "configs" / "tiny_synthetic.py"
 
 
 def _train(workdir: Path, data: Path, cache: Path, *extra: str) -> None:

@@ -244,9 +244,10 @@ def test_cli_single_product(model, pipe, photo, tmp_path, capsys):
     assert main(_generate_args(model, tmp_path / "bad", "--product", str(f / "product.png"), "--mask",
                                str(f / "mask.png"), "--category", "teapot")) == 2
     assert "the model knows: rice cooker, lamp, coffee mug" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # a failed single product writes nothing
     assert main(_generate_args(model, tmp_path / "bad", "--product", str(f / "nothing.png"), "--category",
                                "lamp")) == 2
-    assert "product: file not found" in capsys.readouterr().err
+    assert f"product: {f / 'nothing.png'}: file not found" in capsys.readouterr().err
 
 
 def test_cli_manifest_reports_broken_lines_and_resumes(model, photo, tmp_path, capsys):
@@ -280,7 +281,7 @@ def test_cli_manifest_reports_broken_lines_and_resumes(model, photo, tmp_path, c
     assert main(_generate_args(model, out, "--manifest", str(manifest), "--contact-sheet")) == 1
     assert "generated 0 images for 0 items" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in sorted(out.glob("*_[0-9].png"))] == times
-    assert Image.open(out / "contact_sheet.png").size == (3 * 128, 2 * (128 + 18))
+    assert Image.open(out / "contact_sheet.png").size == (3 * 128, 18 + 2 * (128 + 18))  # settings, 2 rows
 
 
 def test_prompt_negative_prompt_and_latents(pipe, photo):

@@ -20,7 +20,7 @@ from bgjax.cli import main
 from bgjax.models.configs import ConfigError
 from bgjax.train.config_file import load_config
 
-CONFIG = Path(__file__).parent.parent / "configs" / "tiny_synthetic.py"
+CONFIG = "tiny_synthetic"  # a bundled config, by name
 SMALL = ["--config.data.crop.resolution=32", "--config.data.batch_size=8", "--config.log_every=1",
          "--config.optim.warmup_steps=0", "--config.dtype='float32'"]
 

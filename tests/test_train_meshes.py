@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 from bgjax.cli import main
 
-CONFIG = Path(__file__).parent.parent / "configs" / "tiny_synthetic.py"
+CONFIG = Path(__file__).parent.parent / "bgjax" / "configs" / "tiny_synthetic.py"
 SMALL = ["--config.data.crop.resolution=32", "--config.data.batch_size=8", "--config.log_every=1",
          "--config.optim.warmup_steps=0", "--config.dtype='float32'"]
 MESHES = {f"data {d} fsdp {f} tensor {t}": (d, f, t) for d in (1, 2, 4, 8) for f in (1, 2, 4, 8) for t in (1, 2, 4, 8)

@@ -25,7 +25,7 @@ from bgjax.models.region import Region
 from bgjax.train.config_file import load_config
 from bgjax.train.models import load_stage, save_model
 
-CONFIG = Path(__file__).parent.parent / "configs" / "tiny_synthetic.py"
+CONFIG = Path(__file__).parent.parent / "bgjax" / "configs" / "tiny_synthetic.py"
 CATEGORIES = {"coffee mug": 0, "desk lamp": 1}
 
 

@@ -40,7 +40,6 @@ from bgjax.train.loop import Trainer, peak_tflops
 from bgjax.train.models import load_stage
 
 UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680  # torch FLOP counter, per image
-CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def synthetic_batch(models, categories: dict, batch: int, resolution: int, latents: bool, pg: bool) -> dict:
@@ -80,7 +79,7 @@ def main() -> None:
     p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
     args = p.parse_args()
 
-    config = load_config(CONFIGS / f"{args.stage}_sd15_512.py", [
+    config = load_config(f"{args.stage}_sd15_512", [  # configs bundled with bgjax
         f"--config.data.batch_size={args.batch}", f"--config.mesh.fsdp={args.fsdp}", "--config.model=''",
         f"--config.attention={args.attention}"])
     branch = {args.stage: {}}

@@ -4,12 +4,12 @@
 set -euo pipefail
 RUNS=${RUNS:-runs}
 [ -f "$RUNS/synthetic64/manifest.json" ] || bgjax data synthetic --out "$RUNS/synthetic64" --num 2000 --size 64 --seed 0
-bgjax train --config configs/tiny_vae.py --workdir "$RUNS/tiny_vae" --config.data.dir="$RUNS/synthetic64"
-bgjax train --config configs/tiny_unet.py --workdir "$RUNS/tiny_unet" --config.data.dir="$RUNS/synthetic64" \
+bgjax train --config tiny_vae --workdir "$RUNS/tiny_vae" --config.data.dir="$RUNS/synthetic64"
+bgjax train --config tiny_unet --workdir "$RUNS/tiny_unet" --config.data.dir="$RUNS/synthetic64" \
   --config.model="$RUNS/tiny_vae/model"
-bgjax train --config configs/tiny_synthetic.py --workdir "$RUNS/tiny_cg" --config.data.dir="$RUNS/synthetic64" \
+bgjax train --config tiny_synthetic --workdir "$RUNS/tiny_cg" --config.data.dir="$RUNS/synthetic64" \
   --config.model="$RUNS/tiny_unet/model"
-bgjax train --config configs/tiny_pg.py --workdir "$RUNS/tiny_pg" --config.data.dir="$RUNS/synthetic64" \
+bgjax train --config tiny_pg --workdir "$RUNS/tiny_pg" --config.data.dir="$RUNS/synthetic64" \
   --config.model="$RUNS/tiny_cg/model"
 rm -rf bgjax/assets/tiny_model
 cp -rL "$RUNS/tiny_pg/model" bgjax/assets/tiny_model  # -L: the stages' models link their base's components

@@ -6,11 +6,11 @@ decoded; decoding and the remaining checks happen in the shard writers.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 from collections import defaultdict
 from pathlib import Path
+
+from bgjax.tables import read_table
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -72,45 +72,48 @@ def _resolve(index: dict[str, list[Path]], name: str, what: str) -> Path:
     return hits[0]
 
 
+FOLDER_COLUMNS = ("product", "mask", "category")
+
+
 def list_folder(images: Path, categories: Path, masks: Path | None = None) -> Listing:
-    """A shop's catalogue: images (optionally RGBA cut-outs), masks, and a CSV or JSONL file with
-    `image` and `category` columns/keys (`mask` optional). Without a mask file, the image's
-    alpha channel is the mask."""
+    """A shop's catalogue: images (optionally RGBA cut-outs), masks, and a CSV or JSONL table (`bgjax.tables`)
+    with `product` (or `image`) and `category`, `mask` optional. An image without a mask file (none named,
+    none found under `masks`) uses its alpha channel as the mask; one with neither is rejected when decoded."""
     images, categories = Path(images), Path(categories)
     image_index = _index(images.parent, images.name)
     mask_index = _index(masks.parent, masks.name) if masks else {}
-    if categories.suffix.lower() == ".jsonl":
-        rows = []
-        for number, line in enumerate(categories.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{categories.name}:{number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    rows.append((f"{categories.name}:{number}", {"_error": f"invalid JSON ({e.msg})"}))
-    else:
-        with open(categories, newline="", encoding="utf-8-sig") as f:
-            rows = [(f"{categories.name}:{i + 2}", row) for i, row in enumerate(csv.DictReader(f))]
     items, rejected, seen = [], [], set()
-    for where, row in rows:
-        name = str(row.get("image") or "").strip() if isinstance(row, dict) else ""
-        category = " ".join(str(row.get("category") or "").split()) if isinstance(row, dict) else ""
-        reason = row.get("_error") if isinstance(row, dict) else "not an object"
-        reason = reason or safe_name(name) or (None if category else "no category")
+    for row in read_table(categories, FOLDER_COLUMNS):
+        where = f"{categories.name}:{row.line}: {row.raw}"
+        name, mask_name = row.fields.get("product", ""), row.fields.get("mask")
+        category = " ".join(row.fields.get("category", "").split())
+        reason = row.error or safe_name(name) or (None if category else "no category")
+        if not reason and mask_name and not masks:
+            reason = f"mask {mask_name!r} named but no mask folder given (--masks)"
         if not reason and Path(name).stem.lower() in seen:
             reason = f"duplicate image {name!r}"
         if reason:
-            rejected.append({"input": f"{where}: {row}", "reason": reason})
+            rejected.append({"input": where, "reason": reason})
             continue
         try:
             image = _resolve(image_index, name, "image")
-            mask_name = str(row.get("mask") or Path(name).stem)
-            mask = _resolve(mask_index, mask_name, "mask") if masks else None
+            mask = _resolve(mask_index, mask_name, "mask") if mask_name else _find(mask_index, Path(name).stem)
         except LookupError as e:
-            rejected.append({"input": f"{where}: {row}", "reason": str(e)})
+            rejected.append({"input": where, "reason": str(e)})
             continue
         seen.add(Path(name).stem.lower())
         items.append(InputItem(Path(name).stem, category, image, mask, source="folder"))
     return Listing(items, rejected)
+
+
+def _find(index: dict[str, list[Path]], stem: str) -> Path | None:
+    """The mask file named after the image, or None (then the image's alpha is its mask)."""
+    try:
+        return _resolve(index, stem, "mask")
+    except LookupError:
+        if index.get("stem:" + stem.lower()):
+            raise  # ambiguous: several files could be the mask
+        return None
 
 
 def list_synthetic(num: int, seed: int = 0, size: int = 128) -> Listing:

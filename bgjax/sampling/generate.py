@@ -13,7 +13,6 @@ the merged `index.jsonl`.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -30,12 +29,13 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
 from bgjax import __version__
-from bgjax.fileio import atomic_write, write_json
+from bgjax.fileio import CheckpointError, atomic_write, write_json
 from bgjax.sampling.pipeline import DEFAULT_PLACEMENT, BackgroundPipeline, Prepared
 from bgjax.sampling.schedulers import SAMPLERS
 from bgjax.sampling.settings import GenerationSettings, file_digest, model_fingerprint
+from bgjax.tables import COLUMNS, read_table
 
-MANIFEST_FIELDS = ("product", "mask", "category", "reference", "reference_mask", "seed", "num_images")
+MANIFEST_FIELDS = COLUMNS
 _PATH_FIELDS = ("product", "mask", "reference", "reference_mask")
 THUMB = 128  # contact-sheet cell size in pixels
 LABEL_HEIGHT = 18
@@ -79,8 +79,9 @@ def _int(value, name: str, low: int) -> int:
 
 
 def make_item(row: dict, line: int | None, base: Path, seed: int, num_images: int) -> Item:
-    """An Item from a manifest row or the command line; raises ValueError for missing or bad fields.
-    Empty values count as absent; `seed` and `num_images` default to the command line's."""
+    """An Item from a manifest row or the command line (column names as in `bgjax.tables`); raises ValueError
+    for missing or bad fields. Empty values count as absent; `seed` and `num_images` default to the command
+    line's."""
     fields = {k: str(row[k]).strip() for k in MANIFEST_FIELDS if row.get(k) is not None and str(row[k]).strip()}
     missing = [k for k in ("product", "category") if k not in fields]
     if missing:
@@ -91,38 +92,23 @@ def make_item(row: dict, line: int | None, base: Path, seed: int, num_images: in
 
 
 def read_manifest(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(line number, row, None) per CSV row / JSONL line, or (line number, raw, reason) when unparseable."""
-    if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield number, {"raw": line}, f"invalid JSON ({e.msg})"
-                continue
-            yield (number, row, None) if isinstance(row, dict) else (number, {"raw": line}, "not a JSON object")
-        return
-    if path.suffix.lower() != ".csv":
-        raise ValueError("a manifest must be .csv or .jsonl")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [k for k in ("product", "category") if k not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"the header lacks the column(s) {', '.join(missing)} "
-                             f"(columns: {', '.join(MANIFEST_FIELDS)})")
-        for row in reader:
-            extra = row.pop(None, None)  # DictReader files surplus cells under None
-            yield reader.line_num, row, f"{len(extra)} cells more than the header has" if extra else None
+    """(line number, row, None) per CSV row / JSONL line, or (line number, row as written, reason) when
+    unusable; raises TableError when the file is not a table (see `bgjax.tables`)."""
+    for row in read_table(path, MANIFEST_FIELDS):
+        yield (row.line, row.fields, None) if row.error is None else (row.line, {"raw": row.raw}, row.error)
 
 
-def contact_sheet(rows: list[tuple[str, Image.Image, list[Image.Image]]], path: Path) -> None:
-    """A PNG grid: per row the product, then its generated images, under a label."""
+def contact_sheet(rows: list[tuple[str, Image.Image, list[Image.Image]]], path: Path, title: str = "") -> None:
+    """A PNG grid: per row the product, then its generated images, under a label; `title` (the settings)
+    on a line above them all."""
     columns = 1 + max(len(images) for _, _, images in rows)
-    sheet = Image.new("RGB", (columns * THUMB, len(rows) * (THUMB + LABEL_HEIGHT)), "white")
+    top = LABEL_HEIGHT if title else 0
+    sheet = Image.new("RGB", (columns * THUMB, top + len(rows) * (THUMB + LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 3), title, fill="black")
     for r, (label, product, images) in enumerate(rows):
-        y = r * (THUMB + LABEL_HEIGHT)
+        y = top + r * (THUMB + LABEL_HEIGHT)
         draw.text((4, y + 3), label, fill="black")
         for c, image in enumerate([product, *images]):
             thumb = ImageOps.contain(image, (THUMB, THUMB))
@@ -180,7 +166,9 @@ class _Run:
             self.write(item, prepared, images, outputs, settings, notes)
             self.items, self.images = self.items + 1, self.images + len(images)
         if self.args.contact_sheet:
-            label = f"{prepared.category}  ({Path(item.fields['product']).name}, seed {item.seed})"
+            reference = item.fields.get("reference")
+            label = (f"{prepared.category}  ({Path(item.fields['product']).name}, seed {item.seed}"
+                     + (f", reference {Path(reference).name})" if reference else ")"))
             thumbs = [ImageOps.contain(im, (THUMB, THUMB)) for im in [Image.fromarray(prepared.product), *images]]
             self.sheet.append((label, thumbs[0], thumbs[1:]))
 
@@ -212,12 +200,61 @@ class _Run:
         return text + (f" (see {self.out / 'errors.jsonl'})" if errors and self.args.manifest else "")
 
 
-def _single(run: _Run) -> int:
-    a = run.args
-    row = {"product": a.product, "mask": a.mask, "category": a.category, "reference": a.reference,
-           "reference_mask": a.reference_mask}
+def check_model(model: Path) -> None:
+    """Fail fast, before anything loads, on a folder that is not a bgjax model (CheckpointError naming it)."""
+    model = Path(model)
+    if not model.is_dir():
+        raise CheckpointError(f"--model {model}: no such folder")
+    if not (model / "bgjax.json").is_file():
+        raise CheckpointError(f"--model {model}: not a bgjax model (no bgjax.json); `bgjax convert` makes one from "
+                              f"a diffusers folder or a .safetensors checkpoint, `bgjax train` writes one in "
+                              f"WORKDIR/model")
+    missing = [f"{k}/config.json" for k in ("unet", "vae", "text_encoder") if not (model / k / "config.json").is_file()]
+    if missing:
+        raise CheckpointError(f"--model {model}: an incomplete bgjax model (missing {', '.join(missing)})")
+
+
+def _missing_files(item: Item) -> str | None:
+    """Why an item's files cannot be read, naming each missing path; None when every named file exists."""
+    missing = [f"{k}: {item.path(k)}: file not found" for k in _PATH_FIELDS
+               if item.path(k) is not None and not item.path(k).is_file()]
+    return "; ".join(missing) or None
+
+
+def _single_item(args: argparse.Namespace) -> Item:
+    row = {"product": args.product, "mask": args.mask, "category": args.category, "reference": args.reference,
+           "reference_mask": args.reference_mask}
+    item = make_item(row, None, Path.cwd(), args.seed, args.num_images)
+    reason = _missing_files(item)
+    if reason:
+        raise ValueError(reason)
+    return item
+
+
+def _manifest_items(args: argparse.Namespace, shard: int, shards: int) -> tuple[list[Item], list[dict]]:
+    """The usable items of the manifest's shard `shard` of `shards` and its lines' errors; raises ValueError
+    when it is not a table. Row r (broken ones included) belongs to shard r mod N: the shards cover the
+    manifest once."""
+    manifest = Path(args.manifest)
+    if not manifest.is_file():
+        raise ValueError(f"--manifest {manifest}: file not found")
+    items, errors = [], []
+    for line, row, reason in list(read_manifest(manifest))[shard::shards]:
+        if reason is None:
+            try:
+                item = make_item(row, line, manifest.parent, args.seed, args.num_images)
+                reason = _missing_files(item)
+                if reason is None:
+                    items.append(item)
+                    continue
+            except ValueError as e:
+                reason = str(e)
+        errors.append({"line": line, "input": row, "reason": reason})
+    return items, errors
+
+
+def _single(run: _Run, item: Item) -> int:
     try:
-        item = make_item(row, None, Path.cwd(), a.seed, a.num_images)
         with tqdm(total=item.num_images, unit="img", desc="generate") as bar:
             run.process(item)
             bar.update(item.num_images)
@@ -248,30 +285,8 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
 
 
-def _manifest(run: _Run) -> int:
-    a, manifest = run.args, Path(run.args.manifest)
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: manifest not found")
-    try:
-        shard, shards = shard_of(a)
-    except ValueError as e:
-        print(f"bgjax generate: error: {e}", file=sys.stderr)
-        return 2
-    items, errors = [], []
-    try:
-        rows = list(read_manifest(manifest))
-    except (ValueError, UnicodeDecodeError, csv.Error) as e:
-        print(f"bgjax generate: error: {manifest}: {e}", file=sys.stderr)
-        return 2
-    # Row r (broken ones included) belongs to shard r mod N: the shards cover the manifest once.
-    for line, row, reason in rows[shard::shards]:
-        if reason is None:
-            try:
-                items.append(make_item(row, line, manifest.parent, a.seed, a.num_images))
-                continue
-            except ValueError as e:
-                reason = str(e)
-        errors.append({"line": line, "input": row, "reason": reason})
+def _manifest(run: _Run, items: list[Item], errors: list[dict], shard: int, shards: int) -> int:
+    manifest = Path(run.args.manifest)
 
     def report(error: dict) -> None:
         tqdm.write(f"{manifest.name}:{error['line']}: {error['reason']}", file=sys.stderr)
@@ -308,7 +323,8 @@ def _merge_index(out: Path, shards: int) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    """Exit status: 0 all written, 1 some manifest lines failed, 2 bad input for a single product."""
+    """Exit status: 0 all written, 1 some manifest lines failed, 2 bad input for a single product.
+    Inputs and the model folder are checked before the model loads; a failed single product writes nothing."""
     if args.sampler not in SAMPLERS:
         print(f"bgjax generate: error: --sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}",
               file=sys.stderr)
@@ -320,10 +336,21 @@ def generate_command(args: argparse.Namespace) -> int:
         print("bgjax generate: error: with --manifest, masks, categories and references come from the manifest",
               file=sys.stderr)
         return 2
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    run = _Run(args)
-    status = _manifest(run) if args.manifest else _single(run)
+    try:
+        check_model(args.model)
+        if args.manifest:
+            shard, shards = shard_of(args)
+            items, errors = _manifest_items(args, shard, shards)
+        else:
+            item = _single_item(args)
+    except ValueError as e:
+        print(f"bgjax generate: error: {e}", file=sys.stderr)
+        return 2
+    run = _Run(args)  # the output folder appears with its first file (atomic_write makes it)
+    status = _manifest(run, items, errors, shard, shards) if args.manifest else _single(run, item)
     if args.contact_sheet and run.sheet:
-        contact_sheet(run.sheet, run.out / "contact_sheet.png")
+        contact_sheet(run.sheet, run.out / "contact_sheet.png", f"{Path(args.model).name}: {args.sampler}, "
+                      f"{args.steps} steps, guidance {args.guidance}" + (", style guidance" if args.style_guidance
+                                                                           else ""))
         print(f"contact sheet: {run.out / 'contact_sheet.png'}")
     return status

@@ -1,7 +1,9 @@
-"""Stage 2 at paper scale: PG on BG60k with the self-supervised reference perturbations; SD-1.5 and
-stage 1's CG frozen (MODEL is stage 1's trained model: runs/cg_sd15/model).
+"""Stage 2 at paper scale: PG on BG60k over stage 1's model (SD-1.5 and CG frozen), 512 px.
 
-    bgjax train --config configs/pg_sd15_512.py --config.model=runs/cg_sd15/model --workdir runs/pg_sd15
+The references are the self-supervised perturbations of each image; --config.model is stage 1's
+trained model (default runs/cg_sd15/model).
+
+    bgjax train --config pg_sd15_512 --config.model=runs/cg_sd15/model --workdir runs/pg_sd15
 """
 
 from bgjax.train.defaults import default_config

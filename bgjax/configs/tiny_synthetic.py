@@ -1,8 +1,8 @@
 """CG (stage 1) of a small model on synthetic data: learns in minutes on a laptop CPU.
 
-    bgjax train --config configs/tiny_synthetic.py --config.model=MODEL --workdir runs/tiny_cg
+    bgjax train --config tiny_synthetic --config.model=MODEL --workdir runs/tiny_cg
 
-MODEL is a small base model (configs/tiny_vae.py, then configs/tiny_unet.py); with
+MODEL is a small base model (the tiny_vae config, then tiny_unet); with
 --config.model='' every component is created fresh, which is what the tests do.
 """
 

@@ -2,7 +2,7 @@
 
     bgjax convert stable-diffusion-v1-5/ --out models/sd15
     bgjax data bg60k --root BG60k/ --out data/bg60k
-    bgjax train --config configs/cg_sd15_512.py --workdir runs/cg_sd15
+    bgjax train --config cg_sd15_512 --workdir runs/cg_sd15
 
 On a TPU pod or several GPU hosts add --distributed; for a model that does not fit a device's
 memory, --config.mesh.fsdp=8 shards params and optimizer state over 8 devices.

@@ -1,5 +1,6 @@
-"""The bundled demo model, stage 0b: a small text-to-image UNet (and a random frozen text encoder)
-on synthetic 64 px images, over the tiny VAE (tools/train_bundled_model.sh runs every stage)."""
+"""The bundled demo model, stage 0b: a small text-to-image UNet on synthetic 64 px images.
+
+It trains over the tiny VAE, with a random frozen text encoder (tools/train_bundled_model.sh runs every stage)."""
 
 from bgjax.train import presets
 from bgjax.train.defaults import default_config
