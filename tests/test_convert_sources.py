@@ -1,15 +1,13 @@
-"""`bgjax convert` on files written by other tools: transformers 5 tokenizers, diffusers' own single-file
-script (SD-1 and SD-2, fp32 and --half), wrapped and extended single files, the original ControlNet layout,
-and bgjax's own export."""
+"""`bgjax convert` on files written by other tools: transformers 5 tokenizers, single files as the original
+releases and diffusers' single-file script lay them out (SD-1 and SD-2, fp32 and --half; each fixture read back
+by diffusers' own single-file converters first), wrapped and extended single files, the original ControlNet
+layout, and bgjax's own export."""
 
 from __future__ import annotations
 
 import json
-import runpy
 import shutil
-import sys
 from pathlib import Path
-from unittest import mock
 
 import jax
 import numpy as np
@@ -23,17 +21,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from bgjax import model_dir
 from bgjax.cli import main
 from bgjax.convert.diffusers_folder import check_tokenizer, import_diffusers
+from bgjax.convert.ldm import _unet_keymap
 from bgjax.fileio import CheckpointError
 from bgjax.method.config import MethodConfig
 from bgjax.method.store import load_method, save_method
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from bgjax.models.text_encoder import load_tokenizer
 from tests.conftest import save_diffusers_folder
+from tests.ldm_files import sd_single_file
 from tests.torch_reference import CLIP_SD1_TINY, randomize
 
-SCRIPT = Path(__file__).parent / "scripts" / "convert_diffusers_to_original_stable_diffusion.py"
-# diffusers' script hard-codes SD's topology (4 levels, 2 layers per block, attention on the first 3), so
-# these are SD-1.x / SD-2.x networks with every width cut to 32.
+# SD's topology (4 levels, 2 layers per block, attention on the first 3), as the single files have it, with
+# every width cut to 32.
 SD1_UNET = dict(sample_size=8, block_out_channels=(32,) * 4, layers_per_block=2, cross_attention_dim=32,
                 attention_head_dim=8, norm_num_groups=32)
 SD2_UNET = dict(SD1_UNET, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True)
@@ -50,13 +49,16 @@ def run_cli(*argv) -> int:
 
 
 def diffusers_script(folder: Path, out: Path, half: bool) -> Path:
-    """diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, run as a user runs it
-    (safetensors for .safetensors outputs, its torch.save({"state_dict": ...}) for .ckpt)."""
-    argv = ["convert", "--model_path", str(folder), "--checkpoint_path", str(out)]
-    argv += ["--half"] * half + ["--use_safetensors"] * (out.suffix == ".safetensors")
-    with mock.patch.object(sys, "argv", argv):
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    return out
+    """The single file diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py writes for a
+    diffusers folder: the models as saved there; the text encoder in SD-2's OpenCLIP layout when the script
+    recognises SD-2, by the key `text_model.encoder.layers.22.layer_norm2.bias` (a 23-layer tower saved by
+    transformers 4), else in SD-1's (so a transformers 5 save of SD-2 comes out in SD-1's names)."""
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    keys = load_file(folder / "text_encoder" / "model.safetensors")
+    models = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet"),
+              "vae": AutoencoderKL.from_pretrained(folder / "vae"), "text_encoder": text}
+    layout = "open_clip" if "text_model.encoder.layers.22.layer_norm2.bias" in keys else "clip"
+    return sd_single_file(models, out, layout, half)
 
 
 def _params(model: Path, kind: str) -> dict:
@@ -146,6 +148,36 @@ def test_convert_checks_the_tokenizer(sd1, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- diffusers' script
 
 
+def _torch(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return {k: torch.from_numpy(v) for k, v in load_file(path).items()}
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _same(got: dict, want: dict, what: str) -> None:
+    want = {k.removeprefix("text_model."): v for k, v in want.items() if not k.endswith("position_ids")}
+    got = {k.removeprefix("text_model."): v for k, v in got.items() if not k.endswith("position_ids")}
+    assert got.keys() == want.keys(), (what, sorted(set(got) ^ set(want))[:5])
+    for key, value in want.items():
+        torch.testing.assert_close(got[key].float(), value.float(), rtol=0, atol=0, msg=f"{what} {key}")
+
+
+@pytest.mark.parametrize("layout", ["clip", "open_clip"])
+def test_fixture_files_read_back_with_diffusers_own_converters(sd1_models, tmp_path, layout):
+    """The single-file fixtures are laid out as diffusers' single-file loader expects real files: its
+    converters (`from_single_file`'s) give back the very weights they were written from."""
+    models = dict(sd1_models)
+    if layout == "open_clip":
+        models["text_encoder"] = randomize(CLIPTextModel(CLIPTextConfig(**SD2_TEXT)), 5)
+    path = sd_single_file(models, tmp_path / "sd.ckpt", layout)
+    ckpt = _torch(path)
+    _same(sfu.convert_ldm_unet_checkpoint(ckpt, dict(models["unet"].config)), models["unet"].state_dict(), "unet")
+    _same(sfu.convert_ldm_vae_checkpoint(ckpt, dict(models["vae"].config)), models["vae"].state_dict(), "vae")
+    text = (sfu.convert_ldm_clip_checkpoint(ckpt) if layout == "clip"
+            else sfu.convert_open_clip_checkpoint(models["text_encoder"], ckpt))
+    _same(text, models["text_encoder"].state_dict(), "text_encoder")
+
+
 @pytest.mark.parametrize(("half", "suffix"), [(False, ".safetensors"), (True, ".ckpt")], ids=["fp32", "half"])
 def test_sd1_file_from_diffusers_script(sd1, tmp_path, half, suffix):
     folder, converted = sd1
@@ -209,14 +241,9 @@ def test_keys_outside_sd_are_an_error_unless_allowed(sd1, sd1_file, tmp_path, ca
 def _original_controlnet_keys(controlnet: ControlNetModel) -> dict[str, np.ndarray]:
     """A diffusers ControlNet in the original release's `control_model.*` names: the encoder half named as
     diffusers' script names the UNet's, the ControlNet-only parts as in lllyasviel/ControlNet's cldm.py."""
-    script = runpy.run_path(str(SCRIPT))
     state = {k: v.detach().numpy() for k, v in controlnet.state_dict().items()}
-    unet_part = {k: v for k, v in state.items() if not k.startswith(("controlnet_", "controlnet_cond"))}
-    # The script maps a whole UNet: stand-ins for the decoder-side keys it expects, dropped again after.
-    absent = {sd: hf for sd, hf in script["unet_conversion_map"] if hf not in unet_part}
-    padded = {**{hf: torch.zeros(1) for hf in absent.values()},
-              **{k: torch.from_numpy(v) for k, v in unet_part.items()}}
-    out = {k: v.numpy() for k, v in script["convert_unet_state_dict"](padded).items() if k not in absent}
+    keymap = _unet_keymap({**controlnet.config, "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3})
+    out = {keymap.to_ldm(k): v for k, v in state.items() if not k.startswith(("controlnet_", "controlnet_cond"))}
     blocks = len(controlnet.controlnet_cond_embedding.blocks)
     hint = {"conv_in": 0, **{f"blocks.{j}": 2 * (j + 1) for j in range(blocks)}, "conv_out": 2 * (blocks + 1)}
     for key, value in state.items():
