@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from bgjax.cli import build_parser, main
-from bgjax.convert.checkpoint_io import atomic_write, write_json
 from bgjax.demo import MODEL, PRODUCTS
+from bgjax.fileio import atomic_write, write_json
 from bgjax.models.configs import ConfigError
 from bgjax.train.config_file import BUNDLED, bundled_configs, load_config
 
