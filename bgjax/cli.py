@@ -91,7 +91,8 @@ def _data_inspect(args: argparse.Namespace) -> None:
 def _metric_weights(args: argparse.Namespace) -> None:
     from bgjax.eval.weights import convert_metric_weights
 
-    ignored = convert_metric_weights(args.kind, Path(args.src), Path(args.out), args.config)
+    with fresh_output(Path(args.out), args.overwrite) as out:
+        ignored = convert_metric_weights(args.kind, Path(args.src), out, args.config)
     reasons: dict[str, list[str]] = {}
     for key, reason in ignored.items():
         reasons.setdefault(reason, []).append(key)
@@ -446,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "beside it; inception: pytorch-fid's pt_inception-2015-12-05-*.pth")
     p.add_argument("--out", required=True, help="the folder for config.json and params.safetensors")
     p.add_argument("--config", help="clip: the config.json to use instead of the one beside SRC")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds (else a non-empty OUT is refused)")
     return parser
 
 

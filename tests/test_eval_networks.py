@@ -211,6 +211,10 @@ def test_metric_weights_cli_clip_round_trip(tmp_path, capsys):
                  str(tmp_path / "out2")]) == 0
     _, params2 = load_clip_vision(tmp_path / "out2")
     jax.tree.map(np.testing.assert_array_equal, params, params2)
+    # a second conversion into a converted folder is refused unless --overwrite
+    args = ["metric-weights", "clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out2")]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
 
 
 def test_metric_weights_cli_inception_round_trip(tmp_path, capsys, inception_ref):

@@ -1,4 +1,5 @@
-"""Every training option with its default; a config file in `configs/` starts from this and sets a few.
+"""Every training option with its default; a config in `bgjax/configs/` (or your own file) starts from this and
+sets a few.
 
 Stages: `vae` (autoencoder), `unet` (text-to-image base model), `cg` (stage 1: the Category-Wise
 Generator and the identifier embeddings) and `pg` (stage 2: the Personality-Wise Generator).
