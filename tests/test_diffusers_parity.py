@@ -135,3 +135,19 @@ def test_eval_controlnet_variant_runs_the_converted_controlnet(bgjax_pipe, contr
     product = np.asarray(control_image)
     (image,) = variant(product, mask, "lamp", num_images=1, steps=2)
     np.testing.assert_array_equal(np.asarray(image)[mask], product[mask])
+
+
+def test_non_square_text_to_image_matches(folders, bgjax_pipe):
+    """Width and height apart (NHWC here, NCHW there): a transposed size would not even run."""
+    latents = np.random.default_rng(2).standard_normal((NUM, 8, SIZE // 2, 4)).astype(np.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folders[0], safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, latents=torch.from_numpy(nchw(latents)),
+                   num_images_per_prompt=NUM, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=16,
+                   width=SIZE, output_type="np").images
+    ours = bgjax_pipe.text_to_image(PROMPT, negative_prompt=NEGATIVE, latents=latents, num_images=NUM, steps=STEPS,
+                                    guidance=GUIDANCE, sampler="dpmpp_2m", width=SIZE, height=16, output_type="np")
+    assert ours.shape == (NUM, 16, SIZE, 3)
+    assert float(np.abs(ours - ref).max()) < 1e-4

@@ -6,9 +6,14 @@ Three stages:
 1. host (`prepare`): load and check the inputs, place a cut-out on the canvas, build the prompt,
    resize to the working resolution; c_cg = I * M, c_pg = I_ref * (1 - M_ref).
 2. device (`_sample`, one jitted program): text encoder, the whole sampling loop as a `lax.scan`
-   over the sampler's step index with classifier-free guidance, VAE decode to uint8. The batch of
-   images is sharded over all local devices; each image's noise comes from (seed, image index).
+   over the sampler's step index with classifier-free guidance, VAE decode to [0, 1]. The batch of
+   images is sharded over all local devices; each image's noise comes from (seed, image index), or is
+   the caller's `latents`.
 3. host: resize back to the product's own size and paste the product through a feathered mask.
+
+`text_to_image` is plain Stable Diffusion on the same program (the UNet alone, or with the model's
+converted ControlNet), the counterpart of diffusers' StableDiffusion(ControlNet)Pipeline; arrays are
+NHWC where diffusers' are NCHW.
 """
 
 from __future__ import annotations
