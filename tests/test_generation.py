@@ -386,13 +386,15 @@ def test_cli_rerun_writes_nothing_and_a_change_regenerates(model, photo, tmp_pat
     f = photo["folder"]
     argv = _generate_args(model, tmp_path, "--product", str(f / "product.png"), "--mask", str(f / "mask.png"),
                           "--category", "lamp")
-    assert main(argv) == 0
+    assert main([*argv, "--contact-sheet"]) == 0
     first = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     capsys.readouterr()
     assert main(argv) == 0
     assert "generated 0 images for 0 items" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == first
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == first  # the sheet still shows these images
     assert main([*argv, "--guidance", "2.0"]) == 0
+    assert not (tmp_path / "contact_sheet.png").exists()  # it showed the other settings' images: not left stale
+    first.pop(tmp_path / "contact_sheet.png")
     new = sorted(set(tmp_path.glob("*.png")) - set(first))
     assert len(new) == 2
     info = json.loads(new[0].with_suffix(".json").read_text())

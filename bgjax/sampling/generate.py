@@ -353,4 +353,8 @@ def generate_command(args: argparse.Namespace) -> int:
                       f"{args.steps} steps, guidance {args.guidance}" + (", style guidance" if args.style_guidance
                                                                            else ""))
         print(f"contact sheet: {run.out / 'contact_sheet.png'}")
+    elif run.images and (run.out / "contact_sheet.png").is_file():  # an earlier run's: it shows other images
+        (run.out / "contact_sheet.png").unlink()
+        print(f"removed {run.out / 'contact_sheet.png'}: an earlier run's, of other images (--contact-sheet writes "
+              f"this run's)")
     return status
