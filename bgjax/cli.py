@@ -117,10 +117,12 @@ def _train(args: argparse.Namespace) -> None:
     logger = logging.getLogger("bgjax")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # a library's root handler would print each line twice
     try:
         summary = train(config, Path(args.workdir))
     finally:
         logger.removeHandler(handler)
+        logger.propagate = True
     if summary["stopped"]:
         print(f"stopped ({summary['stopped']}) at step {summary['step']}; checkpoint saved in {args.workdir}")
     else:

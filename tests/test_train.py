@@ -49,7 +49,7 @@ def _losses(workdir: Path) -> dict[int, float]:
 
 
 def _wait_for_step(workdir: Path, proc: subprocess.Popen, step: int) -> None:
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # building and compiling takes minutes on a loaded 2-core machine
     while time.time() < deadline and proc.poll() is None:
         path = workdir / "metrics.jsonl"
         if path.is_file() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()):

@@ -79,14 +79,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, d
     """jax's preemption service carries a SIGTERM sent to process 1 to process 0; both save the
     same step and exit 0, with no collective per step."""
     run, port = tmp_path / "run", _free_port()
-    procs = [subprocess.Popen(_train_args(run, data_dir, "--config.num_steps=1000", "--config.checkpoint_every=1000",
+    procs = [subprocess.Popen(_train_args(run, data_dir, "--config.num_steps=200", "--config.checkpoint_every=200",
                                           "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                           "--process-id", str(i)),
                               env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     _wait_for_step(run, procs[0], 2)
     procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert "stopped (preempted)" in out, out
