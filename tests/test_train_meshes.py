@@ -116,6 +116,7 @@ def _meshes(tmp_path: Path, data_dir: Path, meshes: dict, *extra: str, steps: in
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
+@pytest.mark.slow  # 12 compiled train steps
 def test_every_8_device_mesh_matches_one_device(tmp_path, data_dir):
     """CG, 4 steps: every data x fsdp x tensor factorisation of 8 devices gives one device's losses and
     trained params (relative 1e-5), FSDP and tensor sharding really split the optimizer state, and a
