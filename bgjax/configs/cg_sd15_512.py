@@ -8,24 +8,8 @@ On a TPU pod or several GPU hosts add --distributed; for a model that does not f
 memory, --config.mesh.fsdp=8 shards params and optimizer state over 8 devices.
 """
 
-from bgjax.train.defaults import default_config
+from bgjax.train import presets
 
 
 def get_config():
-    c = default_config()
-    c.stage = "cg"
-    c.model = "models/sd15"
-    c.data.dir = "data/bg60k"
-    c.data.batch_size = 256  # global
-    c.data.workers = 8
-    c.data.crop.resolution = 512
-    c.optim.learning_rate = 1e-5
-    c.optim.warmup_steps = 500
-    c.optim.schedule = "cosine"
-    c.optim.ema_decay = 0.9999
-    c.loss.min_snr_gamma = 5.0
-    c.num_steps = 20_000
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.sample_every = 1000
-    return c
+    return presets.paper_scale("cg", "models/sd15")

@@ -3,7 +3,10 @@ scratch: the bundled demo model and tests. Sized to train in minutes on a laptop
 
 from __future__ import annotations
 
+import ml_collections
+
 from bgjax.models.byte_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
+from bgjax.train.defaults import default_config
 
 TINY_VAE = {
     "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
@@ -52,3 +55,24 @@ SD15_TEXT_ENCODER = {
 }
 SD15_RANDOM = {"vae": SD15_VAE, "text_encoder": SD15_TEXT_ENCODER, "unet": SD15_UNET, "tokenizer": "byte",
                "scheduler": SCHEDULER}
+
+
+def paper_scale(stage: str, model: str) -> ml_collections.ConfigDict:
+    """The paper-scale run on BG60k at 512 px, shared by both stages (configs/cg_sd15_512, pg_sd15_512)."""
+    c = default_config()
+    c.stage = stage
+    c.model = model
+    c.data.dir = "data/bg60k"
+    c.data.batch_size = 256  # global
+    c.data.workers = 8
+    c.data.crop.resolution = 512
+    c.optim.learning_rate = 1e-5
+    c.optim.warmup_steps = 500
+    c.optim.schedule = "cosine"
+    c.optim.ema_decay = 0.9999
+    c.loss.min_snr_gamma = 5.0
+    c.num_steps = 20_000
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.sample_every = 1000
+    return c
