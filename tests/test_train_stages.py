@@ -139,3 +139,15 @@ def test_a_base_inside_the_package_is_copied(tmp_path):
     for kind in ("pg", "unet", "vae", "text_encoder"):
         assert (out / kind).is_dir() and not (out / kind).is_symlink(), kind
         assert (out / kind / "params.safetensors").read_bytes() == (bundled / kind / "params.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("shapes_only", [False, True])
+def test_new_branches_train_float32_masters_under_bf16_compute(stage1, tmp_path, shapes_only):
+    """A new CG or PG starts as a copy of the frozen UNet's encoder, which is held in the compute dtype;
+    the copy must come back as float32 (bf16 masters round small updates away, and the AOT-compiled step
+    rejected its own float32 EMA at step 2)."""
+    for stage, base in (("cg", []), ("pg", [f"--config.model={stage1}"])):
+        config = load_config(CONFIG, ["--config.dtype='bfloat16'", f"--config.stage='{stage}'", *base])
+        _, trained, frozen = load_stage(config, CATEGORIES, jnp.bfloat16, tmp_path / stage, shapes_only=shapes_only)
+        assert {x.dtype for x in jax.tree.leaves(trained)} == {jnp.dtype(jnp.float32)}, stage
+        assert {x.dtype for x in jax.tree.leaves(frozen["unet"])} == {jnp.dtype(jnp.bfloat16)}, stage

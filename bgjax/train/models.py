@@ -176,9 +176,16 @@ def _component(kind: str, src: _Sources, built: dict, i: int):
     else:
         raise ConfigError(f"config.init.{kind}: needed by the {src.stage} stage, and {src.where(kind)}")
     module, params, config = make(kind, src, built, i)
-    if kind not in TRAINED[src.stage]:
-        params = jax.tree.map(lambda x: x.astype(src.dtype), params)
-    return module, params, config
+    # A new branch copies the frozen UNet's encoder, which is already in the compute dtype: cast back, so
+    # trained params are float32 masters (bf16 ones would round lr-1e-5 updates away).
+    return module, _cast(params, jnp.float32 if kind in TRAINED[src.stage] else src.dtype), config
+
+
+def _cast(params, dtype: jnp.dtype):
+    """Arrays or ShapeDtypeStructs (a resume's trained params) in `dtype`."""
+    def cast(x):
+        return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
+    return jax.tree.map(cast, params)
 
 
 def _tokenizer_dir(src: _Sources, workdir: Path) -> Path:
