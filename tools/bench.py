@@ -6,8 +6,7 @@ Workloads (random weights, SD-1.5 shapes at 512 px unless --size tiny):
   train     ControlNet training step, batch 16, UNet frozen in bf16, ControlNet fp32 master
             weights with bf16 compute, AdamW
   vae       VAE decode, batch 8, bf16
-  attention the kernels at SD-1.5's shapes, batch 16 (cuDNN on a GPU, Pallas flash on a TPU, against
-            XLA), with the relative difference of each from XLA, forward and gradients
+(the attention kernels and GroupNorm variants are tools/bench_blocks.py's)
 
 Prints one JSON line per measurement (`side`: bgjax or peer) and a table at the end.
 FLOPs per image forward are the torch FLOP counter's figures at SD-1.5 shapes (a training step with the
@@ -23,8 +22,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import time
+
+import profile_summary  # tools/, beside this script
+
+from bgjax.models.attention import IMPLEMENTATIONS
 
 UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4,
@@ -64,14 +68,14 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
     import jax.numpy as jnp
     import optax
 
-    from bgjax.models.attention import dot_product_attention
     from bgjax.models.components import build, init_params
     from bgjax.models.controlnet import controlnet_params_from_unet
     from bgjax.models.region import Region
 
     bf16 = jnp.bfloat16
     sync = jax.block_until_ready
-    emit(side="bgjax", what="device", jax=jax.__version__, device=str(jax.devices()[0].device_kind))
+    emit(side="bgjax", what="device", jax=jax.__version__, device=str(jax.devices()[0].device_kind),
+         xla_flags=os.environ.get("XLA_FLAGS", ""))
     unet = build("unet", unet_cfg, bf16, attention=args.attention)
     cnet = build("controlnet", unet_cfg, bf16, attention=args.attention)
     k = jax.random.key(0)
@@ -169,6 +173,9 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
         dt = median_time(lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond, region), sync, 3, args.reps)
         emit(side="bgjax", what="denoise_step_cfg", branch="cg", batch=b, s_per_step=dt,
              img_per_s_25steps=b / (25 * dt), tflops=fl / dt / 1e12, compile_s=compile_s)
+        if args.profile:
+            profile_summary.profile(args.profile, compiled,
+                                    lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond, region), steps=5)
 
     if "vae" in args.what:
         vae = build("vae", vae_cfg, bf16)
@@ -179,32 +186,6 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
         dt = median_time(lambda: decode(vae_params, z), sync, 2, max(3, args.reps // 2))
         emit(side="bgjax", what="vae_decode", batch=args.infer_batch, s=dt)
 
-    kernels = {"gpu": ("cudnn",), "tpu": ("flash",)}.get(jax.default_backend(), ())
-    if "attention" in args.what and kernels:
-        # SD-1.5's attention shapes at B=16: self-attention at 64x64, cross-attention to 77
-        # tokens (padded for cuDNN), and the 160-wide heads of the 1280-channel level.
-        for name, q_shape, kv_len in (("self_4096_h40", (16, 4096, 8, 40), 4096),
-                                      ("cross_4096_kv77", (16, 4096, 8, 40), 77),
-                                      ("self_256_h160", (16, 256, 8, 160), 256)):
-            ks = jax.random.split(jax.random.key(3), 4)
-            kv_shape = (q_shape[0], kv_len, *q_shape[2:])
-            q, kk, v = (jax.random.normal(key, shape, bf16)
-                        for key, shape in zip(ks, (q_shape, kv_shape, kv_shape), strict=True))
-            cotangent = jax.random.normal(ks[3], q_shape, bf16)
-            outs = {}
-            for impl in ("xla", *kernels):
-                f = jax.jit(functools.partial(dot_product_attention, implementation=impl))
-                grad = jax.jit(jax.grad(lambda q, k, v, f=f, c=cotangent: jnp.sum((f(q, k, v) * c).astype(jnp.float32)),
-                                        argnums=(0, 1, 2)))
-                outs[impl] = [f(q, kk, v)] + list(grad(q, kk, v))
-                dt = median_time(functools.partial(f, q, kk, v), sync, 3, args.reps)
-                fl = 4 * q_shape[0] * q_shape[2] * q_shape[1] * kv_len * q_shape[3]
-                emit(side="bgjax", what="attention", impl=impl, case=name, ms=dt * 1e3, tflops=fl / dt / 1e12)
-            for impl in kernels:
-                rel = [float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
-                       for a, b in zip(outs[impl], outs["xla"], strict=True)]
-                emit(side="bgjax", what="attention_agreement", impl=impl, case=name, rel_err_out=rel[0],
-                     rel_err_dq=rel[1], rel_err_dk=rel[2], rel_err_dv=rel[3])
 
 
 # ---------------------------------------------------------------- peer (diffusers + PyTorch)
@@ -310,20 +291,18 @@ def table() -> str:
             rows.append(f"| {name} | {r['side']} | {r['s_per_step'] * 1e3:.1f} ms | {thr}, {r['tflops']:.3g} TFLOP/s |")
         elif r["what"] == "vae_decode":
             rows.append(f"| vae_decode B={r['batch']} | {r['side']} | {r['s'] * 1e3:.1f} ms | |")
-        elif r["what"] == "attention":
-            rows.append(f"| attention {r['case']} {r['impl']} | {r['side']} | {r['ms']:.2f} ms | "
-                        f"{r['tflops']:.0f} TFLOP/s |")
     return "\n".join(rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
-    p.add_argument("--what", default="train,denoise,vae,attention")
+    p.add_argument("--what", default="train,denoise,vae")
+    p.add_argument("--profile", metavar="DIR", help="a jax.profiler trace of the UNet + CG denoise step, top ops")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--infer-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--attention", choices=("auto", "xla", "cudnn", "flash"), default="auto",
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
                    help="bgjax attention implementation inside the models")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers side")
     p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")

@@ -31,7 +31,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import profile_summary  # tools/, beside this script
 
+from bgjax import compile_cache
 from bgjax.data.augment import PGAugmentConfig, draw_pg_batch
 from bgjax.models.attention import IMPLEMENTATIONS
 from bgjax.train import presets, sharding
@@ -76,9 +78,13 @@ def main() -> None:
     p.add_argument("--vae", action="store_true", help="encode images in the step (no latent cache)")
     p.add_argument("--memory-only", action="store_true", help="compile from shapes only; allocate nothing")
     p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS)
-    p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
+    p.add_argument("--profile", metavar="DIR", help="a jax.profiler trace of 3 steps in DIR, and its top ops")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="do not use bgjax's persistent compilation cache ($BGJAX_COMPILE_CACHE)")
     args = p.parse_args()
 
+    if args.compile_cache:  # the same programs as the next run's: a second run loads them (issue 14's <= 5 s)
+        compile_cache.enable(compile_cache.default_dir())
     config = load_config(f"{args.stage}_sd15_512", [  # configs bundled with bgjax
         f"--config.data.batch_size={args.batch}", f"--config.mesh.fsdp={args.fsdp}", "--config.model=''",
         f"--config.attention={args.attention}"])
@@ -116,8 +122,11 @@ def main() -> None:
     batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                     for k, v in local.items()}
     t0 = time.perf_counter()
-    compiled = trainer.step.lower(trainer.abstract_state, trainer.abstract_frozen, batch_shapes).compile()
-    compile_s = time.perf_counter() - t0
+    lowered = trainer.step.lower(trainer.abstract_state, trainer.abstract_frozen, batch_shapes)
+    lower_s = time.perf_counter() - t0
+    t = phase("traced and lowered", t)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0 - lower_s
     t = phase("compiled", t)
     mem = compiled.memory_analysis()
     gib = {f"{k}_gib": getattr(mem, f"{k}_size_in_bytes", 0) / 2**30
@@ -127,9 +136,11 @@ def main() -> None:
     flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
     row = {"side": "bgjax", "what": f"train_{args.stage}_step", "device": jax.devices()[0].device_kind,
            "devices": len(jax.devices()), "fsdp": args.fsdp, "batch": args.batch, "attention": args.attention,
-           "vae_in_step": args.vae, "compile_s": round(compile_s, 1), "flops": flops, **gib}
+           "vae_in_step": args.vae, "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
+           "compile_cache": bool(args.compile_cache), "flops": flops, **gib}
     if args.size == "sd15":
         row["hand_flops"] = args.batch * (2 * UNET_FLOPS_SD15 + 3 * CONTROLNET_FLOPS_SD15) / len(jax.devices())
+    print(json.dumps({**row, "phase": "compiled"}), flush=True)  # before anything runs: an OOM keeps this line
     if not args.memory_only:
         state, frozen = trainer.fresh_state(trained), trainer.place(frozen)
         del trained
@@ -148,13 +159,9 @@ def main() -> None:
             row["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
         if peak_tflops(config):
             row["mfu"] = row["tflops_per_device"] / peak_tflops(config)
+        print(json.dumps(row), flush=True)
         if args.profile:
-            jax.profiler.start_trace(args.profile)
-            for _ in range(3):
-                state, metrics = compiled(state, frozen, batch)
-            jax.block_until_ready(metrics["loss"])
-            jax.profiler.stop_trace()
-    print(json.dumps(row), flush=True)
+            profile_summary.profile(args.profile, compiled, lambda: compiled(state, frozen, batch)[1]["loss"], steps=3)
 
 
 if __name__ == "__main__":

@@ -1,49 +1,80 @@
 #!/usr/bin/env bash
-# One accelerator session measures every speed figure in one call (issue 14), each workload in its own
-# process under its own timeout, printing a line per phase as it goes; raw JSON lines go to $OUT/bench.jsonl.
-#   tools/device_check.sh                 SD-1.5 shapes (a GPU or TPU host)
-#   SIZE=tiny tools/device_check.sh       the same phases at tiny shapes: minutes on a CPU
-# Phases: (1) compile only: the CG and PG steps' compile seconds, memory_analysis() and XLA's FLOPs at batch
-# 16 and 32; (2) timing, bgjax then the PyTorch peer in the same run: training steps, denoise steps, VAE
-# decode, attention kernels, generation; (3) a jax.profiler trace of the CG step if BUDGET_S is not spent.
-# Wheels the host lacks (grain, ml_collections, tensorboardX, diffusers) travel in .whl/.
+# Every speed figure of an accelerator session in one call (issue 14): each workload in its own process under
+# its own timeout, a line per phase as it runs, raw JSON lines in $OUT/bench.jsonl, every phase's log in
+# $OUT/phases.log, the CG step's and the denoise step's profiles (top ops with floors) in the JSON lines.
+#   tools/device_check.sh                              SD-1.5 shapes, every phase (a GPU or TPU host)
+#   PHASES="blocks denoise train_cg" tools/device_check.sh    some phases, in the order given
+#   SIZE=tiny tools/device_check.sh                    the same phases at tiny shapes: minutes on a CPU
+# BUDGET_S (default 540) bounds the whole run: a phase gets at most what is left of it, a phase that would start
+# with under 20 s left is skipped (and says so). Wheels the host lacks (grain, ml_collections, tensorboardX,
+# diffusers, ...) travel in .whl/ and are installed into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-.out}; SIZE=${SIZE:-sd15}; BUDGET_S=${BUDGET_S:-540}
+PHASES=${PHASES:-"setup blocks denoise train_cg cg_cached train_cg_b32 train_pg peer generate vae flags"}
+START=$(date +%s)
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+export BGJAX_COMPILE_CACHE=${BGJAX_COMPILE_CACHE:-$LOGS/compile_cache}  # shared by the phases, fresh per run
 LOG="$OUT/bench.jsonl"; : > "$LOG"
-START=$(date +%s)
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-if [ "$SIZE" = tiny ]; then T="--size tiny"; STEPS=1; REPS=1; LIMIT=900; else T=""; STEPS=10; REPS=10; LIMIT=300; fi
+if [ "$SIZE" = tiny ]; then
+  T="--size tiny"; STEPS=2; REPS=2; B=2; B2=4; GEN="--num-images 2 --steps 4 --reps 1"
+else
+  T=""; STEPS=10; REPS=10; B=16; B2=32; GEN="--reps 2"
+fi
 
-phase() {  # phase NAME SECONDS COMMAND...: JSON lines to $LOG, the rest to $OUT/NAME.log
+phase() {  # phase NAME LIMIT COMMAND...: JSON lines to $LOG (and shortened here), progress lines here
   local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET_S - ($(date +%s) - START) ))
+  if [ "$left" -lt 20 ]; then echo "[$(( $(date +%s) - START )) s] $name: skipped, budget spent"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0; t0=$(date +%s)
-  echo "[$(( t0 - START )) s] $name ..."
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "[$(( t0 - START )) s] $name (at most $limit s) ..."
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local status=$?
-  grep -h '^{' "$OUT/$name.log" | tee -a "$LOG" | cut -c1-200
+  grep -h '^{' "$LOGS/$name.log" | tee -a "$LOG" | cut -c1-240
+  grep -h '^\[ *[0-9.]* s\]' "$LOGS/$name.log" | tail -4 | sed 's/^/    /'  # bench_train's own phases
+  [ "$status" -ne 0 ] && grep -v '^{' "$LOGS/$name.log" | tail -6 | cut -c1-300 | sed 's/^/    ! /'
   echo "[$(( $(date +%s) - START )) s] $name: exit $status after $(( $(date +%s) - t0 )) s"
 }
 
-# (1) compile and memory
-for stage in cg pg; do
-  for batch in 16 32; do
-    phase "compile_${stage}_b${batch}" "$LIMIT" python3 tools/bench_train.py $T --stage "$stage" --batch "$batch" --memory-only
-  done
+for p in $PHASES; do
+  case $p in
+    setup)
+      command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem \
+        --format=csv,noheader
+      phase setup 120 python3 -c "import jax, flax, optax, orbax.checkpoint, grain, ml_collections, bgjax.train.loop, \
+bgjax.sampling.pipeline; import json; print(json.dumps({'what': 'setup', 'jax': jax.__version__, 'flax': flax.__version__, \
+'devices': [d.device_kind for d in jax.devices()]}))" ;;
+    blocks) phase blocks 150 python3 tools/bench_blocks.py $T --reps $(( REPS * 2 )) ;;
+    denoise) phase denoise 150 python3 tools/bench.py $T --no-peer --what denoise --reps "$REPS" \
+      --profile "$LOGS/prof_denoise" ;;
+    train_cg) phase train_cg 300 python3 tools/bench_train.py $T --stage cg --batch $B --steps "$STEPS" \
+      --profile "$LOGS/prof_cg" ;;
+    cg_cached) phase cg_cached 120 python3 tools/bench_train.py $T --stage cg --batch $B --memory-only ;;
+    train_cg_b32) phase train_cg_b32 240 python3 tools/bench_train.py $T --stage cg --batch $B2 --steps 3 ;;
+    train_pg) phase train_pg 240 python3 tools/bench_train.py $T --stage pg --batch $B --steps "$STEPS" ;;
+    peer) phase peer 180 python3 tools/bench.py $T --no-bgjax --what train,denoise --no-torch-compile \
+      --reps "$REPS" ;;
+    generate) phase generate 240 python3 tools/bench_generate.py $T $GEN ;;
+    vae) phase vae 120 python3 tools/bench.py $T --what vae --reps "$REPS" ;;
+    flags)  # XLA flags one at a time, on the denoise step (it compiles in seconds)
+      for f in --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false \
+               --xla_gpu_autotune_level=0; do
+        XLA_FLAGS="${XLA_FLAGS:-} $f" phase "flags${f%%=*}" 100 python3 tools/bench.py $T --no-peer --what denoise \
+          --reps "$REPS"
+      done ;;
+    *) echo "unknown phase $p" ;;
+  esac
 done
-# (2) timing: bgjax, then the peer
-phase train_cg "$LIMIT" python3 tools/bench_train.py $T --stage cg --batch 16 --steps "$STEPS"
-phase train_pg "$LIMIT" python3 tools/bench_train.py $T --stage pg --batch 16 --steps "$STEPS"
-phase bgjax_blocks "$LIMIT" python3 tools/bench.py $T --no-peer --what train,denoise,vae,attention --reps "$REPS"
-phase peer_blocks "$LIMIT" python3 tools/bench.py $T --no-bgjax --what train,denoise,vae --reps "$REPS"
-phase generate "$LIMIT" python3 tools/bench_generate.py $T --reps "$REPS"
-# (3) a profile while time is left
-if [ $(( $(date +%s) - START )) -lt "$BUDGET_S" ]; then
-  phase profile "$LIMIT" python3 tools/bench_train.py $T --stage cg --batch 16 --steps 1 --profile "$OUT/profile"
-fi
+for f in "$LOGS"/*.log; do echo "=== $(basename "$f")"; cat "$f"; done > "$OUT/phases.log"
+for name in cg denoise; do  # the traces and the compiled modules, for a closer look later
+  trace=$(find "$LOGS/prof_$name" -name perfetto_trace.json.gz 2>/dev/null | head -1)
+  [ -n "$trace" ] && cp "$trace" "$OUT/trace_$name.json.gz"
+  [ -f "$LOGS/prof_$name/step.hlo.txt" ] && gzip -c "$LOGS/prof_$name/step.hlo.txt" > "$OUT/hlo_$name.txt.gz"
+done
 echo "[$(( $(date +%s) - START )) s] done: $(wc -l < "$LOG") JSON lines in $LOG"
