@@ -82,6 +82,23 @@ def _data(args: argparse.Namespace) -> int | None:
           f"{Path(args.out) / 'manifest.json'})")
 
 
+def _data_tfds(args: argparse.Namespace) -> int | None:
+    from bgjax.data.tfds_bg60k import prepare
+
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"{args.root}: no such folder (give the folder the BG60k release unpacks to)")
+    for config in args.split:
+        try:
+            info = prepare(Path(args.root), config, args.data_dir).info
+        except LookupError as e:
+            print(f"bgjax data tfds: error: {e}", file=sys.stderr)
+            return 2
+        meta = info.metadata
+        print(f"bg60k/{config}: {meta['num_written']} of {meta['num_inputs']} inputs written to {info.data_dir}; "
+              f"{len(meta['rejected'])} rejected, {len(meta['unmatched'])} files unmatched (reasons in "
+              f"{Path(info.data_dir) / 'metadata.json'})")
+
+
 def _data_inspect(args: argparse.Namespace) -> None:
     from bgjax.data.inspect import inspect_dataset
 
@@ -384,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     def source(name: str, summary: str, description: str, examples: tuple[str, ...]) -> argparse.ArgumentParser:
         p = data.add_parser(name, help=summary, description=description, epilog=_examples(*examples),
                             formatter_class=_Formatter)
-        if name != "inspect":
+        if name not in ("inspect", "tfds"):
             p.add_argument("--out", required=True, help="the folder for the shards and manifest.json")
             p.add_argument("--format", choices=("arrayrecord", "tfrecord"), default="arrayrecord",
                            help="the record format")
@@ -430,6 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, required=True, help="how many samples")
     p.add_argument("--seed", type=int, default=0, help="sample i of a seed is always the same")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p = source("tfds", "the BG60k release -> a TFDS dataset (bg60k/bg60k, bg60k/bg1k, bg60k/bgpair)",
+               "Prepares BG60k as a TFDS dataset in ArrayRecord files (bgjax.data.tfds_bg60k; needs "
+               "`pip install \"bgjax[tfds]\"`, not TensorFlow), read by the same reader as `bgjax data bg60k`: "
+               "rejections and unmatched files are in the dataset's metadata.json. Train on it with "
+               "`bgjax train ... --config.data.tfds=bg60k/bg60k --config.data.tfds_data_dir=DIR`.",
+               ("bgjax data tfds --root BG60k", "bgjax data tfds --root BG60k --split bg1k bgpair "
+                                                "--data-dir data/tfds"))
+    p.add_argument("--root", required=True, help="the folder the BG60k release unpacks to (TFDS's manual_dir)")
+    p.add_argument("--split", nargs="+", choices=("bg60k", "bg1k", "bgpair"), default=["bg60k"],
+                   help="the configs to prepare, one per list file")
+    p.add_argument("--data-dir", help="TFDS's data_dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    p.set_defaults(run=_data_tfds)
     p = source("inspect", "counts, categories and a PNG grid of samples",
                "Prints a dataset's counts per category and per rejection reason, and writes DIR/inspect.png: per "
                "sample the image, mask, a training crop, its mask and a PG reference.",

@@ -44,8 +44,8 @@ def release(tmp_path_factory):
     assert main(["data", "bg60k", "--root", str(root), "--out", str(records), "--workers", "1"]) == 0
     data_dir = tmp_path_factory.mktemp("tfds")
     assert "tensorflow" not in sys.modules
-    for config in ("bg60k", "bg1k"):
-        _prepare(config, root, data_dir)
+    _prepare("bg60k", root, data_dir)
+    assert main(["data", "tfds", "--root", str(root), "--split", "bg1k", "--data-dir", str(data_dir)]) == 0
     assert "tensorflow" not in sys.modules  # written without TensorFlow
     return root, records, data_dir
 
@@ -86,13 +86,15 @@ def test_tfds_accounts_for_every_input_as_bgjax_data_does(release):
     assert "tensorflow" not in sys.modules
 
 
-def test_pairs_carry_their_reference_and_a_low_match_stops(release, tmp_path):
+def test_pairs_carry_their_reference_and_a_low_match_stops(release, tmp_path, capsys):
     root, _, _ = release
     # The fixture's pair list matches 1 of 3 lines: the default config stops, naming them, and writes nothing.
     builder = tfds.builder("bg60k/bgpair", data_dir=str(tmp_path), **PREPARE)
     with pytest.raises(LookupError, match=r"only 1 of 3 lines of bgpair_info.txt .*Bg60kConfig.min_match"):
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
     assert not builder.is_prepared()
+    assert main(["data", "tfds", "--root", str(root), "--split", "bgpair", "--data-dir", str(tmp_path)]) == 2
+    assert "only 1 of 3 lines of bgpair_info.txt matched" in capsys.readouterr().err
     config = Bg60kConfig(name="bgpair_any", listing="bgpair", min_match=0.0)
     builder = _prepare(config, root, tmp_path)
     assert builder.info.metadata["num_written"] == 1 and len(builder.info.metadata["rejected"]) == 2

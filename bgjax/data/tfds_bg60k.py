@@ -8,7 +8,7 @@ written or rejected with its reason, files no line uses are reported, and all of
 metadata (`builder.info.metadata`: num_inputs, num_written, rejected, unmatched, categories, category_counts).
 
 Preparing and reading need `tensorflow-datasets` (`pip install "bgjax[tfds]"`), not TensorFlow: the images
-are handed to TFDS already encoded.
+are handed to TFDS already encoded. (`tfds build` itself imports TensorFlow; `bgjax data tfds` does not.)
 
     import tensorflow_datasets as tfds
     import bgjax.data.tfds_bg60k  # registers "bg60k"
@@ -113,6 +113,13 @@ class Bg60k(tfds.core.GeneratorBasedBuilder):
                 yield item.id, {k: features[f] for k, f in _FEATURES.items() if f in features}
         if meta["num_inputs"] != meta["num_written"] + len(meta["rejected"]):
             raise AssertionError("an input was neither written nor rejected")  # a bug, never bad data
+
+
+def prepare(manual_dir: str | os.PathLike, config: str = "bg60k", data_dir: str | None = None):
+    """Write config `config` of BG60k (ArrayRecord) from the release unpacked in `manual_dir`; the builder."""
+    builder = tfds.builder(f"bg60k/{config}", data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    return builder
 
 
 # TFDS feature <- bgjax record feature (`record_features`); the category is stored by its id.
