@@ -183,6 +183,28 @@ def _demo(args: argparse.Namespace) -> None:
           f"{Path(args.out) / 'contact_sheet.png'}")
 
 
+def _serve(args: argparse.Namespace) -> int | None:
+    import importlib.util
+    import signal
+
+    from bgjax.sampling.generate import check_model
+
+    if importlib.util.find_spec("gradio") is None:
+        print('bgjax serve: error: Gradio is not installed; install it with: pip install "bgjax[serve]"',
+              file=sys.stderr)
+        return 2
+    from bgjax.serve import Defaults, serve
+
+    check_model(Path(args.model))
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # Gradio closes its server on it; then the temporary folder is removed
+
+    signal.signal(signal.SIGTERM, stop)
+    serve(Path(args.model), args.port, args.host, args.share, Defaults(steps=args.steps, num_images=args.num_images),
+          args.dtype)
+
+
 def _compile_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", metavar="DIR",
                    help="JAX's persistent compilation cache: reruns with the same shapes skip compiling "
@@ -325,6 +347,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "count, else the JAX process count, else 1)")
     p.add_argument("--shard-index", type=int, help="this run's shard, 0 .. N-1 (default: the Slurm array task or "
                                                    "JAX process index)")
+    _compile_cache_options(p)
+
+    p = command("serve", "a web page (Gradio) to generate backgrounds without code",
+                "Serves a page on which people upload a product photo with its mask (a mask file, brush strokes, or "
+                "the photo's alpha) or a cut-out, pick its category, optionally a style reference, and generate "
+                "images to download. The model is loaded and compiled once at start; one queue shares the "
+                "accelerator. Uploads stay in a temporary folder removed when the server stops. Needs "
+                "`pip install \"bgjax[serve]\"`.",
+                ("bgjax serve", "bgjax serve --model runs/cg/model --port 8080",
+                 "bgjax serve --share    # a public link through Gradio's share tunnel: uploads pass through it"),
+                _serve)
+    p.add_argument("--model", default=str(MODEL), help="a bgjax model directory (the default is the bundled one)")
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (0.0.0.0: every interface, for other machines on your network)")
+    p.add_argument("--share", action="store_true", help="also make a public link through Gradio's share tunnel")
+    p.add_argument("--steps", type=int, default=20, help="the page's default sampler steps (compiled at start)")
+    p.add_argument("--num-images", type=int, default=4, help="the page's default number of images (compiled at "
+                                                             "start)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: float32 on a CPU, bfloat16 on GPUs and TPUs)")
     _compile_cache_options(p)
 
     p = command("export", "bgjax model dir -> diffusers folder",
