@@ -355,14 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "images to download. The model is loaded and compiled once at start; one queue shares the "
                 "accelerator. Uploads stay in a temporary folder removed when the server stops. Needs "
                 "`pip install \"bgjax[serve]\"`.",
-                ("bgjax serve", "bgjax serve --model runs/cg/model --port 8080",
-                 "bgjax serve --share    # a public link through Gradio's share tunnel: uploads pass through it"),
+                ("bgjax serve", "bgjax serve --model runs/cg/model --port 8080", "bgjax serve --share"),
                 _serve)
     p.add_argument("--model", default=str(MODEL), help="a bgjax model directory (the default is the bundled one)")
     p.add_argument("--port", type=int, default=7860, help="the port to listen on")
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on (0.0.0.0: every interface, for other machines on your network)")
-    p.add_argument("--share", action="store_true", help="also make a public link through Gradio's share tunnel")
+    p.add_argument("--share", action="store_true",
+                   help="also make a public link through Gradio's share tunnel (uploads then travel through it)")
     p.add_argument("--steps", type=int, default=20, help="the page's default sampler steps (compiled at start)")
     p.add_argument("--num-images", type=int, default=4, help="the page's default number of images (compiled at "
                                                              "start)")
