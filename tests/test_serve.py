@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -124,6 +125,26 @@ def test_upload_generate_and_the_product_is_untouched(server, browser, tmp_path)
     np.testing.assert_array_equal(result[product], upload[..., :3][product])
     assert np.abs(result[~product].astype(int) - 255).mean() > 20  # a generated background, not the white canvas
     assert "Traceback" not in browser.page_source
+
+
+def test_a_mask_painted_with_the_brush(server, browser):
+    """A photo without alpha and no mask file: paint over part of it in the page's editor, generate; the painted
+    part comes back unchanged, the rest is generated."""
+    url, _, _ = server
+    wait = _open(browser, url)
+    photo = PRODUCTS / "reference_dark.png"
+    _upload(wait, photo)
+    next(b for b in browser.find_elements(By.CSS_SELECTOR, "button") if "Mask: a file" in b.text).click()
+    canvas = wait.until(lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#editor canvas") if c.size["width"]])
+    time.sleep(1)  # the photo is drawn into the editor after the upload's change event
+    ActionChains(browser).move_to_element(canvas[-1]).click_and_hold().move_by_offset(30, 0).move_by_offset(0, 30) \
+        .release().perform()
+    _find(wait, "#generate").click()
+    _text(wait, "#results", "seed 0, image 0")
+    with urllib.request.urlopen(_find(wait, "#results img").get_attribute("src")) as response:
+        result = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+    kept = (result == np.asarray(Image.open(photo).convert("RGB"))).all(-1).mean()
+    assert 0.05 < kept < 0.95, kept
 
 
 def test_bad_input_is_a_message_in_the_page(server, browser, tmp_path):
