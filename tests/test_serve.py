@@ -61,8 +61,12 @@ def server():
         if f"127.0.0.1:{port}" in line:
             break
     yield f"http://127.0.0.1:{port}", tmp, proc
-    if proc.poll() is None:
-        proc.kill()
+    if proc.poll() is None:  # a test failed before the one that stops it: stop it the same way (it cleans up)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     proc.communicate()
 
 
