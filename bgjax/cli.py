@@ -82,6 +82,23 @@ def _data(args: argparse.Namespace) -> int | None:
           f"{Path(args.out) / 'manifest.json'})")
 
 
+def _data_tfds(args: argparse.Namespace) -> int | None:
+    from bgjax.data.tfds_bg60k import prepare
+
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"{args.root}: no such folder (give the folder the BG60k release unpacks to)")
+    for config in args.split:
+        try:
+            info = prepare(Path(args.root), config, args.data_dir).info
+        except LookupError as e:
+            print(f"bgjax data tfds: error: {e}", file=sys.stderr)
+            return 2
+        meta = info.metadata
+        print(f"bg60k/{config}: {meta['num_written']} of {meta['num_inputs']} inputs written to {info.data_dir}; "
+              f"{len(meta['rejected'])} rejected, {len(meta['unmatched'])} files unmatched (reasons in "
+              f"{Path(info.data_dir) / 'metadata.json'})")
+
+
 def _data_inspect(args: argparse.Namespace) -> None:
     from bgjax.data.inspect import inspect_dataset
 
@@ -164,6 +181,28 @@ def _demo(args: argparse.Namespace) -> None:
               f"tones {', '.join(f'{t:.2f}' for t in row['background_tones'])}{reference}")
     print(f"{len(summary['results'])} rows in {summary['seconds']:.1f} s; contact sheet: "
           f"{Path(args.out) / 'contact_sheet.png'}")
+
+
+def _serve(args: argparse.Namespace) -> int | None:
+    import importlib.util
+    import signal
+
+    from bgjax.sampling.generate import check_model
+
+    if importlib.util.find_spec("gradio") is None:
+        print('bgjax serve: error: Gradio is not installed; install it with: pip install "bgjax[serve]"',
+              file=sys.stderr)
+        return 2
+    from bgjax.serve import Defaults, serve
+
+    check_model(Path(args.model))
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # Gradio closes its server on it; then the temporary folder is removed
+
+    signal.signal(signal.SIGTERM, stop)
+    serve(Path(args.model), args.port, args.host, args.share, Defaults(steps=args.steps, num_images=args.num_images),
+          args.dtype)
 
 
 def _compile_cache_options(p: argparse.ArgumentParser) -> None:
@@ -310,6 +349,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "JAX process index)")
     _compile_cache_options(p)
 
+    p = command("serve", "a web page (Gradio) to generate backgrounds without code",
+                "Serves a page on which people upload a product photo with its mask (a mask file, brush strokes, or "
+                "the photo's alpha) or a cut-out, pick its category, optionally a style reference, and generate "
+                "images to download. The model is loaded and compiled once at start; one queue shares the "
+                "accelerator. Uploads stay in a temporary folder removed when the server stops. Needs "
+                "`pip install \"bgjax[serve]\"`.",
+                ("bgjax serve", "bgjax serve --model runs/cg/model --port 8080", "bgjax serve --share"),
+                _serve)
+    p.add_argument("--model", default=str(MODEL), help="a bgjax model directory (the default is the bundled one)")
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (0.0.0.0: every interface, for other machines on your network)")
+    p.add_argument("--share", action="store_true",
+                   help="also make a public link through Gradio's share tunnel (uploads then travel through it)")
+    p.add_argument("--steps", type=int, default=20, help="the page's default sampler steps (compiled at start)")
+    p.add_argument("--num-images", type=int, default=4, help="the page's default number of images (compiled at "
+                                                             "start)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: float32 on a CPU, bfloat16 on GPUs and TPUs)")
+    _compile_cache_options(p)
+
     p = command("export", "bgjax model dir -> diffusers folder",
                 "Writes a bgjax model as a diffusers folder (UNet, VAE, text encoder, tokenizer, scheduler; CG and "
                 "PG as ControlNet folders) that diffusers and transformers load with from_pretrained.",
@@ -384,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     def source(name: str, summary: str, description: str, examples: tuple[str, ...]) -> argparse.ArgumentParser:
         p = data.add_parser(name, help=summary, description=description, epilog=_examples(*examples),
                             formatter_class=_Formatter)
-        if name != "inspect":
+        if name not in ("inspect", "tfds"):
             p.add_argument("--out", required=True, help="the folder for the shards and manifest.json")
             p.add_argument("--format", choices=("arrayrecord", "tfrecord"), default="arrayrecord",
                            help="the record format")
@@ -430,6 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, required=True, help="how many samples")
     p.add_argument("--seed", type=int, default=0, help="sample i of a seed is always the same")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p = source("tfds", "the BG60k release -> a TFDS dataset (bg60k/bg60k, bg60k/bg1k, bg60k/bgpair)",
+               "Prepares BG60k as a TFDS dataset in ArrayRecord files (bgjax.data.tfds_bg60k; needs "
+               "`pip install \"bgjax[tfds]\"`, not TensorFlow), read by the same reader as `bgjax data bg60k`: "
+               "rejections and unmatched files are in the dataset's metadata.json. Train on it with "
+               "`bgjax train ... --config.data.tfds=bg60k/bg60k --config.data.tfds_data_dir=DIR`.",
+               ("bgjax data tfds --root BG60k", "bgjax data tfds --root BG60k --split bg1k bgpair "
+                                                "--data-dir data/tfds"))
+    p.add_argument("--root", required=True, help="the folder the BG60k release unpacks to (TFDS's manual_dir)")
+    p.add_argument("--split", nargs="+", choices=("bg60k", "bg1k", "bgpair"), default=["bg60k"],
+                   help="the configs to prepare, one per list file")
+    p.add_argument("--data-dir", help="TFDS's data_dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    p.set_defaults(run=_data_tfds)
     p = source("inspect", "counts, categories and a PNG grid of samples",
                "Prints a dataset's counts per category and per rejection reason, and writes DIR/inspect.png: per "
                "sample the image, mask, a training crop, its mask and a PG reference.",

@@ -81,7 +81,7 @@ def test_override_errors_name_field_type_value_and_close_names():
 def test_every_command_has_a_description_examples_and_option_help():
     """Catches: options without help, no examples, examples that use options that do not exist."""
     parsers = _subparsers(build_parser())
-    assert len(parsers) == 13
+    assert len(parsers) == 15
     for name, p in parsers.items():
         assert p.description and len(p.description) > 60, name
         assert (p.epilog or "").startswith("examples:") and len(_examples(p)) >= 2, name

@@ -192,11 +192,12 @@ def list_all(root: Path, mask_threshold: int = ALPHA_THRESHOLD) -> dict[str, Lis
             if (Path(root) / file).is_file()}
 
 
-def check_match(split: str, listing: Listing, min_match: float = MIN_MATCH) -> None:
-    """Raise LookupError naming the first unmatched lines when fewer than `min_match` of them matched."""
+def check_match(split: str, listing: Listing, min_match: float = MIN_MATCH, option: str = "--min-match") -> None:
+    """Raise LookupError naming the first unmatched lines when fewer than `min_match` (set by `option`) of them
+    matched."""
     if listing.num_inputs and len(listing.items) >= min_match * listing.num_inputs:
         return
     first = "; ".join(f"{r['input']}: {r['reason']}" for r in listing.rejected[:3])
     raise LookupError(f"only {len(listing.items)} of {listing.num_inputs} lines of {LIST_FILES[split]} matched "
-                      f"an image and a mask (at least {min_match:.0%} needed, --min-match); nothing was written. "
+                      f"an image and a mask (at least {min_match:.0%} needed, {option}); nothing was written. "
                       f"First unmatched: {first or 'the list is empty'}")

@@ -55,8 +55,9 @@ def read_manifest(data_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def make_record(item: InputItem, category_id: int) -> bytes:
-    """One serialized tf.train.Example; raises Rejected with the reason."""
+def record_features(item: InputItem, category_id: int) -> dict:
+    """The features of one record (encoded image and mask, category, id, size, source, and the reference of
+    a pair); raises Rejected with the reason."""
     if item.synthetic is not None:
         from bgjax.data.synthetic import make_sample
 
@@ -70,7 +71,20 @@ def make_record(item: InputItem, category_id: int) -> bytes:
     if item.ref_image is not None:
         ref_image, ref_mask, _ = _load_pair(item.ref_image, item.ref_mask, "reference", item.mask_threshold)
         features.update(ref_id=item.ref_id, ref_image=ref_image, ref_mask=ref_mask)
-    return encode_example(features)
+    return features
+
+
+def features_or_rejection(job: tuple[InputItem, int]) -> tuple[dict | None, dict | None]:
+    """(features, None) for an (item, category id) that decodes, else (None, its rejection with the reason):
+    one bad file never stops a conversion."""
+    item, category_id = job
+    try:
+        return record_features(item, category_id), None
+    except Rejected as e:
+        reason = str(e)
+    except Exception as e:
+        reason = f"unexpected {type(e).__name__}: {e}"
+    return None, {"input": str(item.image or item.id), "id": item.id, "reason": reason}
 
 
 def sha256_file(path: Path) -> str:
@@ -87,15 +101,13 @@ def _write_shard(job: tuple[Path, str, list[InputItem], dict[str, int]]) -> dict
     w, ids, rejected, counts = records.writer(tmp, fmt), [], [], {}
     try:
         for item in items:
-            try:
-                w.write(make_record(item, vocab[item.category]))
-                ids.append(item.id)
-                counts[item.category] = counts.get(item.category, 0) + 1
-            except Rejected as e:
-                rejected.append({"input": str(item.image or item.id), "id": item.id, "reason": str(e)})
-            except Exception as e:  # one bad file never stops a conversion; its reason is kept
-                rejected.append({"input": str(item.image or item.id), "id": item.id,
-                                 "reason": f"unexpected {type(e).__name__}: {e}"})
+            features, rejection = features_or_rejection((item, vocab[item.category]))
+            if rejection is not None:
+                rejected.append(rejection)
+                continue
+            w.write(encode_example(features))
+            ids.append(item.id)
+            counts[item.category] = counts.get(item.category, 0) + 1
     finally:
         w.close()
     os.replace(tmp, path)
@@ -136,10 +148,7 @@ def write_dataset(listing: Listing, out: Path, fmt: records.Format = "arrayrecor
             results[job[0].name] = done
     bar = tqdm(total=len(listing.items), desc=f"write {split}", unit="img")
     bar.update(sum(r["num_records"] + len(r["rejected"]) for r in results.values()))
-    workers = workers or min(len(todo), os.cpu_count() or 1) or 1
-    # spawn, not fork: the caller may hold JAX's threads.
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else _Serial() as pool:
+    with executor(workers or min(len(todo), os.cpu_count() or 1) or 1) as pool:
         for done in pool.map(_write_shard, todo):
             results[done["path"]] = done
             bar.update(done["num_records"] + len(done["rejected"]))
@@ -160,6 +169,14 @@ def write_dataset(listing: Listing, out: Path, fmt: records.Format = "arrayrecor
     return manifest
 
 
+def executor(workers: int):
+    """A pool of `workers` processes, or this process when there is one."""
+    if workers <= 1:
+        return _Serial()
+    # spawn, not fork: the caller may hold JAX's threads.
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 class _Serial:
     """The executor interface, in this process (workers=1: easier to debug, no pickling)."""
 
@@ -169,5 +186,5 @@ class _Serial:
     def __exit__(self, *exc):
         return False
 
-    def map(self, fn, jobs):
+    def map(self, fn, jobs, chunksize: int = 1):
         return map(fn, jobs)

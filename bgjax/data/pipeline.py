@@ -1,9 +1,9 @@
-"""The grain input pipeline: record shards -> augmented, tokenised, batched training examples.
+"""The grain input pipeline: record shards or a TFDS dataset -> augmented, tokenised, batched training examples.
 
-ArrayRecord shards are read as one random-access `MapDataset` with a global shuffle; every
-random choice is drawn from a generator seeded by the element's index, so a batch depends
-only on (seed, step) and a restored iterator state continues exactly. TFRecord shards go
-through grain's TFRecord dataset with interleave.
+ArrayRecord shards and TFDS data sources (`bgjax.data.dataset`) are read as one random-access
+`MapDataset` with a global shuffle; every random choice is drawn from a generator seeded by the
+element's index, so a batch depends only on (seed, step) and a restored iterator state continues
+exactly. TFRecord shards go through grain's TFRecord dataset with interleave.
 
 A batch is a dict of numpy arrays:
     image (B, R, R, 3) uint8, mask (B, R, R) uint8 {0, 1}, category_id (B,) int32, example_seed (B,) uint32,
@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize_encoded, draw_pg_params
-from bgjax.data.convert import read_manifest
+from bgjax.data.dataset import TrainingData, open_records
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
 from bgjax.data.latents import decode_latents
@@ -46,7 +46,7 @@ class Decode(grain.transforms.Map):
     """Record bytes -> image, mask and the category's prompt arrays (looked up, not re-tokenised).
 
     `example_seed` keys the trainer's per-example randomness: the record's position in the
-    shuffled stream (ArrayRecord), or a hash of its id (TFRecord, which has no positions).
+    shuffled stream (ArrayRecord, TFDS), or a hash of its id (TFRecord, which has no positions).
     With `encoded`, image and mask stay encoded for `Crop`, which decodes them straight into its
     resize (no numpy copies; a JPEG at reduced scale where the crop allows).
     """
@@ -55,9 +55,9 @@ class Decode(grain.transforms.Map):
         self.prompts = prompts
         self.encoded = encoded
 
-    def map(self, element: bytes | tuple[int, bytes]) -> dict:
+    def map(self, element: bytes | tuple[int, bytes | dict]) -> dict:
         position, record = element if isinstance(element, tuple) else (None, element)
-        ex = decode_example(record)
+        ex = _example(record)
         cid = ex["category_id"][0]
         seed = zlib.crc32(ex["id"][0]) if position is None else position % 2**32
         image, mask = ex["image"][0], ex["mask"][0]
@@ -70,7 +70,12 @@ class Decode(grain.transforms.Map):
         return out
 
 
-def _with_position(position: int, record: bytes) -> tuple[int, bytes]:
+def _example(record: bytes | dict) -> dict:
+    """A serialized record decoded, or a TFDS element (`TfdsExamples`: already a dict)."""
+    return record if isinstance(record, dict) else decode_example(record)
+
+
+def _with_position(position: int, record: bytes | dict) -> tuple[int, bytes | dict]:
     return position, record
 
 
@@ -103,7 +108,7 @@ class Partners:
 
     def __call__(self, element: dict) -> np.ndarray:
         rng = example_rng(self.seed, 2, element, None)
-        ex = decode_example(self.source[int(rng.integers(len(self.source)))])
+        ex = _example(self.source[int(rng.integers(len(self.source)))])
         image, mask = ex["image"][0], ex["mask"][0]
         if self.crop is None:
             return decode_rgb(image)
@@ -136,18 +141,15 @@ class NextInBatch(grain.transforms.Map):
         return {**batch, "pg_partner_image": np.roll(batch["image"], -1, axis=0)}
 
 
-def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndarray], process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-    """Batches for this process. `prompts` maps each prompt array name to a (num_categories, ...)
-    table (see `prompt_tables`)."""
-    data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir)
-    paths = [str(data_dir / s["path"]) for s in manifest["shards"] if s["num_records"]]
-    if not paths:
-        raise ValueError(f"{data_dir}: the manifest lists no records")
-    crop = "latents" not in manifest  # latent caches hold crops already
-    if manifest["format"] == "arrayrecord":
-        source = grain.sources.ArrayRecordDataSource(paths)
+def make_dataset(data: TrainingData | Path, cfg: PipelineConfig, prompts: dict[str, np.ndarray],
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches for this process from `data` (a folder written by `bgjax data`, or `bgjax.data.dataset`'s
+    `open_records` / `open_tfds`). `prompts` maps each prompt array name to a (num_categories, ...) table
+    (see `prompt_tables`)."""
+    data = data if isinstance(data, TrainingData) else open_records(data)
+    crop = data.latents is None  # latent caches hold crops already
+    if data.random_access:
+        source = data.source()
         ds = grain.MapDataset.source(source).seed(cfg.seed).shuffle()
         ds = ds.repeat(cfg.num_epochs).map_with_index(_with_position)
         ds = ds[process_index::process_count].map(Decode(prompts, encoded=crop))
@@ -158,7 +160,7 @@ def make_dataset(data_dir: Path, cfg: PipelineConfig, prompts: dict[str, np.ndar
             ds = ds.random_map(PGPerturb(cfg.pg, cfg.seed, partners))
         it = ds.batch(cfg.batch_size, drop_remainder=True).to_iter_dataset()
     else:
-        files = grain.MapDataset.source(paths).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
+        files = grain.MapDataset.source(list(data.paths)).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
         files = files[process_index::process_count].map(grain.experimental.TFRecordIterDataset)
         it = grain.experimental.InterleaveIterDataset(files, cycle_length=cfg.interleave_cycle_length)
         it = it.map(Decode(prompts, encoded=crop))

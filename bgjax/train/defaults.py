@@ -33,6 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # records written by `bgjax data ...`
+    c.data.tfds = ""  # or a prepared TFDS dataset with bgjax's features, e.g. "bg60k/bg60k" (bgjax.data.tfds_bg60k)
+    c.data.tfds_data_dir = ""  # where it was prepared ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.tfds_split = ""  # "": its only split
     c.data.synthetic_num = 0  # > 0 and no dir: write this many synthetic samples into WORKDIR/data
     c.data.synthetic_size = 128
     c.data.batch_size = 16  # global, over all processes

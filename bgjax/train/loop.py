@@ -21,14 +21,15 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from bgjax.data.augment import CropConfig, PGAugmentConfig
-from bgjax.data.convert import read_manifest, write_dataset
+from bgjax.data.convert import write_dataset
+from bgjax.data.dataset import TrainingData, open_records, open_tfds
 from bgjax.data.pipeline import PipelineConfig, make_dataset
 from bgjax.data.sources import list_synthetic
 from bgjax.models.configs import ConfigError
 from bgjax.train import TrainingDiverged, sharding
 from bgjax.train.checkpoint import Checkpoints, abstract
 from bgjax.train.models import load_stage, save_model
-from bgjax.train.resume import check_latent_cache, check_resume, data_fingerprint
+from bgjax.train.resume import check_latent_cache, check_resume
 from bgjax.train.samples import sample_grid, validation_set
 from bgjax.train.step import init_state, jit_train_step, make_optimizer
 
@@ -78,27 +79,34 @@ class Preemption:
             signal.signal(s, handler)
 
 
-def prepare_data(config, workdir: Path) -> Path:
+def prepare_data(config, workdir: Path) -> TrainingData:
+    """The records `config.data` names: a TFDS dataset (`data.tfds`, first), a `bgjax data` folder (`data.dir`),
+    or synthetic records written into WORKDIR/data."""
+    if config.data.tfds:
+        if config.data.dir:  # a bundled config's default folder, say
+            _log.warning("data.dir (%s) is not read: data.tfds (%s) is set", config.data.dir, config.data.tfds)
+        return open_tfds(config.data.tfds, config.data.tfds_data_dir, config.data.tfds_split)
     if config.data.dir:
-        return Path(config.data.dir)
+        return open_records(config.data.dir)
     if config.data.synthetic_num <= 0:
-        raise ConfigError("config.data.dir: no records given (or set data.synthetic_num to generate some)")
+        raise ConfigError("config.data.dir: no records given (or set data.tfds, or data.synthetic_num to generate "
+                          "some)")
     out = workdir / "data"
     if jax.process_index() == 0 and not (out / "manifest.json").is_file():
         write_dataset(list_synthetic(config.data.synthetic_num, config.seed, config.data.synthetic_size), out,
                       workers=1)
     multihost_utils.sync_global_devices("bgjax synthetic data")
-    return out
+    return open_records(out)
 
 
-def data_iterator(config, data_dir: Path, prompt_tables: dict):
+def data_iterator(config, data: TrainingData | Path, prompt_tables: dict):
     processes = jax.process_count()
     if config.data.batch_size % processes:
         raise ConfigError(f"data.batch_size: {config.data.batch_size} is not divisible by {processes} processes")
     pipeline = PipelineConfig(batch_size=config.data.batch_size // processes, seed=config.seed,
                               workers=config.data.workers, crop=CropConfig(**config.data.crop),
                               pg=PGAugmentConfig(**config.data.pg) if config.stage == "pg" else None)
-    return iter(make_dataset(data_dir, pipeline, prompt_tables, jax.process_index(), processes))
+    return iter(make_dataset(data, pipeline, prompt_tables, jax.process_index(), processes))
 
 
 def peak_tflops(config) -> float:
@@ -131,28 +139,27 @@ def train(config, workdir: Path) -> dict:
     leader = jax.process_index() == 0
     if config.export_weights not in ("ema", "raw"):
         raise ConfigError(f"export_weights: {config.export_weights!r} is not 'ema' or 'raw'")
-    data_dir = prepare_data(config, workdir)
-    manifest = read_manifest(data_dir)
-    _log.info("data: %d records in %s", manifest["num_written"], data_dir)
-    check_latent_cache(manifest, config, data_dir)
-    meta = {"config": config.to_dict(), "data_fingerprint": data_fingerprint(manifest)}
+    data = prepare_data(config, workdir)
+    _log.info("data: %d records in %s", data.num_records, data.where)
+    check_latent_cache(data.latents, config, data.where)
+    meta = {"config": config.to_dict(), "data_fingerprint": data.fingerprint}
     checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
     try:
         start = checkpoints.latest_step()
         if start is not None:
-            check_resume(config, checkpoints.meta(start), meta["data_fingerprint"], start, data_dir)
+            check_resume(config, checkpoints.meta(start), meta["data_fingerprint"], start, data.where)
             if _finished(config, workdir, start):
                 _log.info("already trained to step %d; the model is in %s", start, workdir / "model")
                 return {"step": start, "start": start, "compile_seconds": 0.0, "stopped": None}
         if leader:
             (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
-        return _run(config, workdir, data_dir, manifest["categories"], checkpoints, start, meta)
+        return _run(config, workdir, data, checkpoints, start, meta)
     finally:
         checkpoints.wait()
         checkpoints.close()
 
 
-def _run(config, workdir: Path, data_dir: Path, categories: dict, checkpoints: Checkpoints, start: int | None,
+def _run(config, workdir: Path, data: TrainingData, checkpoints: Checkpoints, start: int | None,
          meta: dict) -> dict:
     leader = jax.process_index() == 0
     dtype = jnp.dtype(config.dtype)
@@ -160,10 +167,10 @@ def _run(config, workdir: Path, data_dir: Path, categories: dict, checkpoints: C
     t0 = time.perf_counter()
     _log.info("building the %s stage's models%s", config.stage, f" from {config.model}" if config.model else "")
     # A resume restores the trained params, so they are only shapes here.
-    models, trained, frozen = load_stage(config, categories, dtype, workdir, shapes_only=start is not None)
-    tables = models.prompt_tables(categories) if models.prompts else {}
+    models, trained, frozen = load_stage(config, data.categories, dtype, workdir, shapes_only=start is not None)
+    tables = models.prompt_tables(data.categories) if models.prompts else {}
     empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()} if models.prompts else None
-    batches = data_iterator(config, data_dir, tables)
+    batches = data_iterator(config, data, tables)
 
     trainer = Trainer(config, models, trained, frozen, empty, mesh)
     frozen = trainer.place(frozen)
@@ -185,7 +192,7 @@ def _run(config, workdir: Path, data_dir: Path, categories: dict, checkpoints: C
         _log.info("train step compiled in %.1f s (%.3g TFLOP per device per step)", compile_s, flops / 1e12)
 
     writer = _summary_writer(workdir) if leader else None
-    validation = validation_set(data_dir, config.num_samples) if config.sample_every and leader else []
+    validation = validation_set(data, config.num_samples) if config.sample_every and leader else []
     preemption = Preemption(checkpoints)
     peak = peak_tflops(config)
     step, last_time, last_step, stopped = start, time.perf_counter(), start, None

@@ -1,16 +1,16 @@
 """What a resume may change: the new config and data against what the checkpoint was trained with.
 
 A checkpoint stores the config it was saved under and a fingerprint of the data (the shards'
-names, record counts and sha256 from manifest.json). On restore every config field is compared:
-a change in `HARMLESS` (how long, how often to log, save or sample, where things are, how the
-work is laid out) is accepted and logged; any other change, or other data, would make the rest of
-the run something no uninterrupted run computes (another stage, model, batch, crop, augmentation,
-seed, loss or optimizer), so it is refused naming the field, unless `resume_force` is set.
+names, record counts and sha256 from manifest.json, or a TFDS split's files: `bgjax.data.dataset`).
+On restore every config field is compared: a change in `HARMLESS` (how long, how often to log, save
+or sample, where things are, how the work is laid out) is accepted and logged; any other change, or
+other data, would make the rest of the run something no uninterrupted run computes (another stage,
+model, batch, crop, augmentation, seed, loss or optimizer), so it is refused naming the field,
+unless `resume_force` is set.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 
@@ -18,26 +18,19 @@ from bgjax.models.configs import ConfigError
 
 _log = logging.getLogger("bgjax.train")
 
-# Fields (or groups, by prefix) a resume may change. data.dir may move: the fingerprint checks the
-# records. mesh and accum_steps lay the same batch out differently (same losses to rounding).
+# Fields (or groups, by prefix) a resume may change. data.dir and data.tfds_data_dir may move: the
+# fingerprint checks the records. mesh and accum_steps lay the same batch out differently (same losses to
+# rounding).
 HARMLESS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps",
-            "num_samples", "peak_tflops", "export_weights", "resume_force", "data.dir", "data.workers",
-            "data.synthetic_num", "data.synthetic_size", "mesh", "optim.accum_steps")
+            "num_samples", "peak_tflops", "export_weights", "resume_force", "data.dir", "data.tfds_data_dir",
+            "data.workers", "data.synthetic_num", "data.synthetic_size", "mesh", "optim.accum_steps")
 
 
-def data_fingerprint(manifest: dict) -> str:
-    """sha256 over the shards (name, record count, sha256) and the latent cache's settings, if any."""
-    shards = [(s["path"], s["num_records"], s["sha256"]) for s in manifest["shards"]]
-    text = json.dumps({"shards": shards, "latents": manifest.get("latents")}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def check_latent_cache(manifest: dict, config, data_dir) -> None:
+def check_latent_cache(latents: dict | None, config, where: str) -> None:
     """A latent cache holds crops at one resolution; training at another would mix the two."""
-    latents = manifest.get("latents")
     if latents and latents["resolution"] != config.data.crop.resolution:
         raise ConfigError(f"data.crop.resolution: {config.data.crop.resolution}, but the latent cache in "
-                          f"{data_dir} was built at {latents['resolution']} px; cache it again "
+                          f"{where} was built at {latents['resolution']} px; cache it again "
                           f"(`bgjax data latents --resolution {config.data.crop.resolution}`) or train at "
                           f"{latents['resolution']}")
 

@@ -11,10 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from bgjax.data.convert import read_manifest
-from bgjax.data.example import decode_example
+from bgjax.data.dataset import TrainingData, open_records
 from bgjax.data.images import decode_mask, decode_rgb
-from bgjax.data.records import read_records
 from bgjax.sampling.pipeline import BackgroundPipeline, Models
 from bgjax.train.models import StageModels
 
@@ -25,18 +23,16 @@ GUIDANCE = 7.5
 SAMPLER = "dpmpp_2m"
 
 
-def validation_set(data_dir: Path, num: int) -> list[dict]:
+def validation_set(data: TrainingData | Path, num: int) -> list[dict]:
     """The first record of each category, then further records, up to `num` (product, mask, category);
     `num` grows to the number of categories when there are at most ALL_CATEGORIES_UP_TO, so a few
     categories are all seen however small `config.num_samples` is."""
-    data_dir = Path(data_dir)
-    categories = read_manifest(data_dir)["categories"]
+    data = data if isinstance(data, TrainingData) else open_records(data)
+    categories = data.categories
     if len(categories) <= ALL_CATEGORIES_UP_TO:
         num = max(num, len(categories))
-    records = (decode_example(r) for shard in read_manifest(data_dir)["shards"]
-               for r in read_records(data_dir / shard["path"]))
     chosen, seen = [], set()
-    for ex in itertools.islice(records, 64 * num):
+    for ex in itertools.islice(data.examples(), 64 * num):
         category = ex["category"][0].decode()
         if category not in seen or len(seen) >= min(num, len(categories)):
             seen.add(category)
