@@ -17,10 +17,10 @@ from bgjax.models import attention
 from bgjax.models.attention import (
     check_implementation,
     choose,
+    cudnn_keys,
     cudnn_supports,
     dot_product_attention,
     flash_attention,
-    pad_odd_keys,
 )
 from bgjax.models.components import build, example_inputs, param_shapes
 from tests.torch_reference import SD1_TINY
@@ -64,19 +64,22 @@ def test_key_mask_matches_direct_formula():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_odd_key_padding_leaves_the_result_unchanged(masked):
-    """cuDNN gets 77-token contexts padded to 78: the padded key must be masked out (through the mask, or
-    the key lengths without one), so the padded attention equals the unpadded one. Checked through XLA,
-    which takes the same mask and lengths; an unmasked pad would pull every row towards the zero key."""
+def test_cudnn_keys_leave_the_result_unchanged(masked):
+    """cuDNN gets 77-token contexts padded to 78 and key masks as gathered keys with their count: with those
+    lengths as its padding mask (XLA takes the same lengths) the result must equal the masked, unpadded
+    attention. Catches a pad or a gathered-out key that is not cut off (an unmasked pad pulls every row
+    towards the zero key), and a gather that does not keep each row's own keys."""
     q, k, v = _qkv((2, 32, 4, 8), 77)
-    mask = jnp.asarray(np.random.default_rng(0).random((2, 1, 1, 77)) < 0.5) if masked else None
-    pk, pv, pmask, lengths = pad_odd_keys(k, v, mask)
-    assert pk.shape[1] == 78 and (pmask is None) == (lengths is not None)
-    padded = jax.nn.dot_product_attention(q, pk, pv, mask=pmask, key_value_seq_lengths=lengths,
-                                          implementation="xla")
-    assert _rel(padded, reference(q, k, v, mask=mask)) < 1e-5
-    unmasked = jax.nn.dot_product_attention(q, pk, pv, mask=None, implementation="xla")
-    assert _rel(unmasked, reference(q, k, v)) > 1e-3 or masked  # the pad does matter when not masked out
+    mask = np.random.default_rng(0).random((2, 1, 1, 77)) < 0.5
+    mask[0, ..., 0] = mask[1, ..., 0] = True
+    mask = jnp.asarray(mask) if masked else None
+    ck, cv, lengths = cudnn_keys(k, v, mask)
+    assert ck.shape[1] == 78 and lengths.shape == (2,)
+    assert list(np.asarray(lengths)) == ([int(m.sum()) for m in np.asarray(mask)] if masked else [77, 77])
+    got = jax.nn.dot_product_attention(q, ck, cv, key_value_seq_lengths=lengths, implementation="xla")
+    assert _rel(got, reference(q, k, v, mask=mask)) < 1e-5
+    unmasked = jax.nn.dot_product_attention(q, ck, cv, implementation="xla")
+    assert _rel(unmasked, reference(q, k, v, mask=mask)) > 1e-3  # the pad and the moved keys do matter
 
 
 @pytest.mark.parametrize(("tokens", "heads"), [(1024, 8), pytest.param(4096, 2, marks=pytest.mark.slow)],

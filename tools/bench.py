@@ -23,12 +23,19 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import time
 
+import jax
+import jax.numpy as jnp
+import optax
 import profile_summary  # tools/, beside this script
+from bench_util import median_time, random_params
 
 from bgjax.models.attention import IMPLEMENTATIONS
+from bgjax.models.components import build, param_shapes
+from bgjax.models.controlnet import controlnet_params_from_unet
+from bgjax.models.region import Region
+from bgjax.train.step import program_flops
 
 UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4,
@@ -51,27 +58,8 @@ def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def median_time(fn, sync, warm: int, reps: int) -> float:
-    for _ in range(warm):
-        sync(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 # ---------------------------------------------------------------- bgjax
 def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from bgjax.models.components import build, init_params
-    from bgjax.models.controlnet import controlnet_params_from_unet
-    from bgjax.models.region import Region
-
     bf16 = jnp.bfloat16
     sync = jax.block_until_ready
     emit(side="bgjax", what="device", jax=jax.__version__, device=str(jax.devices()[0].device_kind),
@@ -79,8 +67,8 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
     unet = build("unet", unet_cfg, bf16, attention=args.attention)
     cnet = build("controlnet", unet_cfg, bf16, attention=args.attention)
     k = jax.random.key(0)
-    unet_params = jax.jit(lambda k: init_params("unet", unet, k))(k)
-    cn_params = controlnet_params_from_unet(unet_params, jax.jit(lambda k: init_params("controlnet", cnet, k))(k))
+    unet_params = random_params(param_shapes("unet", unet))
+    cn_params = controlnet_params_from_unet(unet_params, random_params(param_shapes("controlnet", cnet), seed=1))
     unet_bf16 = jax.tree_util.tree_map(lambda p: p.astype(bf16), unet_params)
     del unet_params
     n_ctx = 77
@@ -91,11 +79,6 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
                 jax.random.randint(ks[1], (b,), 0, 1000),
                 jax.random.normal(ks[2], (b, n_ctx, 768), dtype),
                 jax.random.normal(ks[3], (b, 8 * latent, 8 * latent, 3), dtype))
-
-    def flops_of(compiled) -> float:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        return float(cost.get("flops", 0.0))
 
     if "train" in args.what:
         b = args.train_batch
@@ -116,7 +99,8 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
             return optax.apply_updates(cp, updates), os_, loss
 
         t0 = time.perf_counter()
-        compiled = step.lower(cn_params, opt_state, unet_bf16).compile()
+        lowered = step.lower(cn_params, opt_state, unet_bf16)
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         state = [cn_params, opt_state]
 
@@ -125,7 +109,7 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
             return loss
 
         dt = median_time(run, sync, 3, args.reps)
-        fl = b * (2 * UNET_FLOPS_SD15 + 3 * CONTROLNET_FLOPS_SD15) if args.size == "sd15" else flops_of(compiled)
+        fl = b * (2 * UNET_FLOPS_SD15 + 3 * CONTROLNET_FLOPS_SD15) if args.size == "sd15" else program_flops(lowered)
         mem = compiled.memory_analysis()
         emit(side="bgjax", what="train_controlnet_step", batch=b, s_per_step=dt, img_per_s=b / dt,
              tflops=fl / dt / 1e12, compile_s=compile_s,
@@ -137,49 +121,38 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
     if "denoise" in args.what:
         b = args.infer_batch
         x, t, ctx, cond = inputs(2 * b, bf16)
-
-        @jax.jit
-        def denoise(up, cp, x, t, ctx, cond):
-            down, mid = cnet.apply({"params": cp}, x, t, ctx, cond)
-            eps = unet.apply({"params": up}, x, t, ctx, down, mid)
-            uncond, text = jnp.split(eps, 2)
-            return uncond + 7.5 * (text - uncond)
-
-        t0 = time.perf_counter()
-        compiled = denoise.lower(unet_bf16, cn_bf16, x, t, ctx, cond).compile()
-        compile_s = time.perf_counter() - t0
-        dt = median_time(lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond), sync, 3, args.reps)
-        fl = 2 * b * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) if args.size == "sd15" else flops_of(compiled)
-        emit(side="bgjax", what="denoise_step_cfg", branch="controlnet", batch=b, s_per_step=dt,
-             img_per_s_25steps=b / (25 * dt), tflops=fl / dt / 1e12, compile_s=compile_s)
-
-        # The same step with the paper's CG: the ControlNet's weights, mask-guided cross-attention.
-        cg = build("cg", unet_cfg, bf16, attention=args.attention)
+        # The plain ControlNet (the peer's workload), and the paper's CG: the same weights with mask-guided
+        # cross-attention over the product region.
         mask = jnp.zeros((2 * b, 8 * latent, 8 * latent)).at[:, 2 * latent:6 * latent, 3 * latent:5 * latent].set(1)
         tokens = jnp.arange(n_ctx)
         region = Region(mask, jnp.broadcast_to(tokens < 8, (2 * b, n_ctx)).astype(bf16),
                         jnp.broadcast_to(tokens >= 6, (2 * b, n_ctx)).astype(bf16))
+        branches = {"controlnet": (cnet, None), "cg": (build("cg", unet_cfg, bf16, attention=args.attention), region)}
+        for name in args.branches.split(","):
+            branch, branch_region = branches[name]
 
-        @jax.jit
-        def denoise_cg(up, cp, x, t, ctx, cond, region):
-            down, mid = cg.apply({"params": cp}, x, t, ctx, cond, 1.0, region)
-            eps = unet.apply({"params": up}, x, t, ctx, down, mid)
-            uncond, text = jnp.split(eps, 2)
-            return uncond + 7.5 * (text - uncond)
+            @jax.jit
+            def denoise(up, cp, x, t, ctx, cond, region, branch=branch):
+                down, mid = branch.apply({"params": cp}, x, t, ctx, cond, 1.0, region)
+                eps = unet.apply({"params": up}, x, t, ctx, down, mid)
+                uncond, text = jnp.split(eps, 2)
+                return uncond + 7.5 * (text - uncond)
 
-        t0 = time.perf_counter()
-        compiled = denoise_cg.lower(unet_bf16, cn_bf16, x, t, ctx, cond, region).compile()
-        compile_s = time.perf_counter() - t0
-        dt = median_time(lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond, region), sync, 3, args.reps)
-        emit(side="bgjax", what="denoise_step_cfg", branch="cg", batch=b, s_per_step=dt,
-             img_per_s_25steps=b / (25 * dt), tflops=fl / dt / 1e12, compile_s=compile_s)
-        if args.profile:
-            profile_summary.profile(args.profile, compiled,
-                                    lambda: compiled(unet_bf16, cn_bf16, x, t, ctx, cond, region), steps=5)
+            step_args = (unet_bf16, cn_bf16, x, t, ctx, cond, branch_region)
+            t0 = time.perf_counter()
+            lowered = denoise.lower(*step_args)
+            compiled = lowered.compile()
+            compile_s = time.perf_counter() - t0
+            dt = median_time(lambda compiled=compiled, step_args=step_args: compiled(*step_args), sync, 3, args.reps)
+            fl = 2 * b * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) if args.size == "sd15" else program_flops(lowered)
+            emit(side="bgjax", what="denoise_step_cfg", branch=name, batch=b, s_per_step=dt,
+                 img_per_s_25steps=b / (25 * dt), tflops=fl / dt / 1e12, compile_s=compile_s)
+            if args.profile and name == "cg":
+                profile_summary.profile(args.profile, compiled, lambda c=compiled, a=step_args: c(*a), steps=5)
 
     if "vae" in args.what:
         vae = build("vae", vae_cfg, bf16)
-        vae_params = jax.jit(lambda k: init_params("vae", vae, k))(k)
+        vae_params = random_params(param_shapes("vae", vae), seed=2)
         vae_params = jax.tree_util.tree_map(lambda p: p.astype(bf16), vae_params)
         z = jax.random.normal(k, (args.infer_batch, latent, latent, 4), bf16)
         decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode)).lower(vae_params, z).compile()
@@ -299,6 +272,7 @@ def main() -> None:
     p.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
     p.add_argument("--what", default="train,denoise,vae")
     p.add_argument("--profile", metavar="DIR", help="a jax.profiler trace of the UNet + CG denoise step, top ops")
+    p.add_argument("--branches", default="controlnet,cg", help="denoise: plain ControlNet and/or CG")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--infer-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=10)

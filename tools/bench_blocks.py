@@ -6,9 +6,9 @@ reference on the same inputs (forward and gradients), before any of them goes in
 
 Workloads (bf16 inputs):
   attention  self-attention at 4096 tokens (heads of 40), 1024 (80) and 256 (160); cross-attention to 77
-             CLIP tokens; the mask-guided cross-attention of CG in three forms: two XLA softmaxes, two
-             masked cuDNN calls (bgjax today), and one cuDNN call over the foreground and background key
-             sets gathered to the front and stacked on the batch axis (padding lengths, no mask tensor)
+             CLIP tokens; the mask-guided cross-attention of CG: two XLA softmaxes, two cuDNN calls (each key
+             set gathered to the front and cut by its count: cuDNN's padding mask), and one cuDNN call over
+             both key sets stacked on the batch axis
   groupnorm  GroupNorm(32) + SiLU as flax computes it (statistics over (h, w, c/g) per group) against
              per-channel sums over (h, w) first (a column reduction in NHWC), then the group sums
 
@@ -21,24 +21,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from bench_util import median_time  # tools/, beside this script
 
-from bgjax.models.attention import dot_product_attention, pad_odd_keys
-
-
-def timed(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+from bgjax.models.attention import cudnn_keys, dot_product_attention, mask_guided_attention
 
 
 def rel_err(a, b) -> float:
@@ -51,26 +40,31 @@ def emit(**row) -> None:
 
 
 def compare(what: str, case: str, impls: dict, reference, inputs: tuple, cotangent, reps: int,
-            flops: float | None = None) -> None:
-    """Time each implementation forward and forward+backward, and its error against `reference` (float32)."""
+            flops: float | None = None, extra: tuple = ()) -> None:
+    """Time each implementation forward and forward+backward (gradients of `inputs`; `extra` are passed
+    along as arguments, never closed over: XLA would fold them as constants), and its error against
+    `reference` (float32)."""
     ref_inputs = tuple(jnp.asarray(x, jnp.float32) for x in inputs)
 
-    def vjp_of(f, xs):
-        def loss(*a):
-            return jnp.sum(f(*a).astype(jnp.float32) * cotangent.astype(jnp.float32))
-        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(xs)))))
+    def vjp_of(f):
+        def loss(*a):  # (*inputs, *extra, cotangent)
+            return jnp.sum(f(*a[:-1]).astype(jnp.float32) * a[-1].astype(jnp.float32))
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(inputs)))))
 
-    ref_out = jax.jit(reference)(*ref_inputs)
-    ref_grads = vjp_of(reference, ref_inputs)(*ref_inputs)[1]
+    extra = (*extra, cotangent)  # for the backward; the forward drops it
+    ref_out = jax.jit(reference)(*ref_inputs, *extra[:-1])
+    ref_grads = vjp_of(reference)(*ref_inputs, *extra)[1]
     for name, f in impls.items():
         try:
-            fwd, bwd = jax.jit(f), vjp_of(f, inputs)
-            out, (_, grads) = fwd(*inputs), bwd(*inputs)
+            fwd, bwd = jax.jit(f), vjp_of(f)
+            out, (_, grads) = fwd(*inputs, *extra[:-1]), bwd(*inputs, *extra)
         except Exception as e:  # a kernel's own limits: reported, the others still run
             emit(what=what, case=case, impl=name, error=f"{type(e).__name__}: {str(e)[:300]}")
             continue
-        row = {"what": what, "case": case, "impl": name, "ms_fwd": timed(fwd, *inputs, reps=reps),
-               "ms_fwd_bwd": timed(bwd, *inputs, reps=reps), "rel_err_out": rel_err(out, ref_out)}
+        row = {"what": what, "case": case, "impl": name,
+               "ms_fwd": 1e3 * median_time(functools.partial(fwd, *inputs, *extra[:-1]), warm=1, reps=reps),
+               "ms_fwd_bwd": 1e3 * median_time(functools.partial(bwd, *inputs, *extra), warm=1, reps=reps),
+               "rel_err_out": rel_err(out, ref_out)}
         row.update({f"rel_err_grad{i}": rel_err(g, r) for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True))})
         if flops:
             row["tflops_fwd"] = flops / row["ms_fwd"] / 1e9
@@ -78,32 +72,16 @@ def compare(what: str, case: str, impls: dict, reference, inputs: tuple, cotange
 
 
 # ------------------------------------------------------------------ attention
-def mask_guided_two_calls(q, k, v, fg, bg, m, implementation):
-    """bgjax today: a masked call per key set, blended per query by m."""
-    def attend(tokens):
-        return dot_product_attention(q, k, v, mask=(tokens > 0)[:, None, None, :],
-                                     implementation=implementation).astype(jnp.float32)
-    return (m * attend(fg) + (1.0 - m) * attend(bg)).astype(q.dtype)
-
-
-def gather_keys(tokens: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The keys of a token set moved to the front of the key axis (stable order) and their count."""
-    order = jnp.argsort(tokens <= 0, axis=-1, stable=True)
-    take = functools.partial(jnp.take_along_axis, indices=order[:, :, None, None], axis=1)
-    return take(k), take(v), jnp.sum(tokens > 0, axis=-1).astype(jnp.int32)
-
-
 def mask_guided_stacked(q, k, v, fg, bg, m, implementation="cudnn"):
-    """One cuDNN call: [foreground keys; background keys] stacked on the batch axis, each set gathered to
-    the front and cut by its length (cuDNN's padding mask: no mask tensor is materialised)."""
-    (k_fg, v_fg, n_fg), (k_bg, v_bg, n_bg) = gather_keys(fg, k, v), gather_keys(bg, k, v)
-    ks, vs = jnp.concatenate([k_fg, k_bg]), jnp.concatenate([v_fg, v_bg])
+    """One call instead of two: the foreground and background key sets (gathered, with their counts:
+    `cudnn_keys`) stacked on the batch axis, the queries repeated."""
+    (k_fg, v_fg, n_fg), (k_bg, v_bg, n_bg) = (cudnn_keys(k, v, (t > 0)[:, None, None, :]) for t in (fg, bg))
     lengths = jnp.concatenate([n_fg, n_bg])
-    if ks.shape[1] % 2:
-        ks, vs, _, _ = pad_odd_keys(ks, vs, None)
-    out = jax.nn.dot_product_attention(jnp.concatenate([q, q]), ks, vs, key_value_seq_lengths=lengths,
+    out = jax.nn.dot_product_attention(jnp.concatenate([q, q]), jnp.concatenate([k_fg, k_bg]),
+                                       jnp.concatenate([v_fg, v_bg]), key_value_seq_lengths=lengths,
                                        implementation=implementation).astype(jnp.float32)
     a_fg, a_bg = jnp.split(out, 2)
+    m = m[..., None]
     return (m * a_fg + (1.0 - m) * a_bg).astype(q.dtype)
 
 
@@ -122,17 +100,14 @@ def bench_attention(batch: int, sizes: dict, reps: int, kernels: tuple[str, ...]
     position = jnp.arange(77)
     fg = jnp.broadcast_to((position < 8) | (position >= 20), (batch, 77)).astype(dtype)  # BOS/EOS/padding in both
     bg = jnp.broadcast_to((position == 0) | (position >= 6), (batch, 77)).astype(dtype)
-    m = (jax.random.uniform(next(keys), (batch, tokens, 1, 1)) > 0.6).astype(jnp.float32)
-
-    def with_sets(f):
-        return lambda q, k, v: f(q, k, v, fg, bg, m)
-
-    impls = {"xla_two_softmaxes": with_sets(functools.partial(mask_guided_two_calls, implementation="xla")),
-             "xla_one_stacked_call": with_sets(functools.partial(mask_guided_stacked, implementation="xla"))}
+    m = (jax.random.uniform(next(keys), (batch, tokens, 1)) > 0.6).astype(jnp.float32)
+    impls = {"xla_two_softmaxes": functools.partial(mask_guided_attention, implementation="xla"),
+             "xla_one_stacked_call": functools.partial(mask_guided_stacked, implementation="xla")}
     if "cudnn" in kernels:
-        impls["cudnn_two_masked_calls"] = with_sets(functools.partial(mask_guided_two_calls, implementation="cudnn"))
-        impls["cudnn_one_stacked_call"] = with_sets(mask_guided_stacked)
-    compare("mask_guided_attention", f"{tokens}x77_h{dim}", impls, impls["xla_two_softmaxes"], (q, k, v), ct, reps)
+        impls["cudnn_two_calls"] = functools.partial(mask_guided_attention, implementation="cudnn")
+        impls["cudnn_one_stacked_call"] = mask_guided_stacked
+    compare("mask_guided_attention", f"{tokens}x77_h{dim}", impls, impls["xla_two_softmaxes"], (q, k, v), ct, reps,
+            extra=(fg, bg, m))
 
 
 # ------------------------------------------------------------------ GroupNorm + SiLU

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import random_params  # tools/, beside this script
 
 from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser
@@ -44,19 +45,13 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")
 
 
-def random_params(kind: str, module, rng: np.random.Generator, dtype) -> dict:
-    """Normal(0, 0.02) everywhere (the branches' zero convs too), drawn on the host."""
-    return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)).astype(dtype),
-                        param_shapes(kind, module))
-
-
 def random_pipeline(sizes: dict, dtype) -> BackgroundPipeline:
-    rng = np.random.default_rng(0)
     modules, params = {}, {}
     for kind, cfg in (("unet", sizes["unet"]), ("cg", sizes["unet"]), ("pg", sizes["unet"]), ("vae", sizes["vae"]),
                       ("text_encoder", sizes["clip"])):
         modules[kind] = build(kind, cfg, dtype)
-        params[kind] = random_params(kind, modules[kind], rng, dtype)
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_shapes(kind, modules[kind]))
+        params[kind] = random_params(shapes, seed=len(params))
     denoiser = Denoiser(modules["unet"], modules["cg"], modules["pg"])
     hidden = sizes["clip"]["hidden_size"]
     all_params = {"denoiser": {k: params[k] for k in ("unet", "cg", "pg")}, "text_encoder": params["text_encoder"],

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import profile_summary  # tools/, beside this script
+from bench_util import random_params
 
 from bgjax import compile_cache
 from bgjax.data.augment import PGAugmentConfig, draw_pg_batch
@@ -40,6 +41,7 @@ from bgjax.train import presets, sharding
 from bgjax.train.config_file import load_config
 from bgjax.train.loop import Trainer, peak_tflops
 from bgjax.train.models import load_stage
+from bgjax.train.step import program_flops
 
 UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680  # torch FLOP counter, per image
 
@@ -101,17 +103,17 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     dtype = jnp.bfloat16
     t = time.perf_counter()
-    if args.memory_only:  # shapes only: the SD-1.5 weights are never materialised
-        holder = {}
+    holder = {}
 
-        def shapes():
-            holder["models"], trained, frozen = load_stage(config, categories, dtype, workdir)
-            return trained, frozen
+    def shapes():
+        holder["models"], trained, frozen = load_stage(config, categories, dtype, workdir)
+        return trained, frozen
 
-        trained, frozen = jax.eval_shape(shapes)
-        models = holder["models"]
-    else:
-        models, trained, frozen = load_stage(config, categories, dtype, workdir)
+    # Shapes first (the models' own init would compile each model's forward); --memory-only stops there.
+    trained, frozen = jax.eval_shape(shapes)
+    models = holder["models"]
+    if not args.memory_only:
+        trained, frozen = random_params((trained, frozen))
     t = phase("models", t)
     empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()}
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -132,8 +134,7 @@ def main() -> None:
     gib = {f"{k}_gib": getattr(mem, f"{k}_size_in_bytes", 0) / 2**30
            for k in ("argument", "output", "alias", "temp", "generated_code")}
     gib["total_gib"] = gib["argument_gib"] + gib["output_gib"] - gib["alias_gib"] + gib["temp_gib"]
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    flops = program_flops(lowered)
     row = {"side": "bgjax", "what": f"train_{args.stage}_step", "device": jax.devices()[0].device_kind,
            "devices": len(jax.devices()), "fsdp": args.fsdp, "batch": args.batch, "attention": args.attention,
            "vae_in_step": args.vae, "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
@@ -161,7 +162,13 @@ def main() -> None:
             row["mfu"] = row["tflops_per_device"] / peak_tflops(config)
         print(json.dumps(row), flush=True)
         if args.profile:
-            profile_summary.profile(args.profile, compiled, lambda: compiled(state, frozen, batch)[1]["loss"], steps=3)
+            carried = [state]  # the state is donated: each traced step takes the last one's
+
+            def one_step():
+                carried[0], metrics = compiled(carried[0], frozen, batch)
+                return metrics["loss"]
+
+            profile_summary.profile(args.profile, compiled, one_step, steps=3)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_
 export BGJAX_COMPILE_CACHE=${BGJAX_COMPILE_CACHE:-$LOGS/compile_cache}  # shared by the phases, fresh per run
 LOG="$OUT/bench.jsonl"; : > "$LOG"
 if [ "$SIZE" = tiny ]; then
-  T="--size tiny"; STEPS=2; REPS=2; B=2; B2=4; GEN="--num-images 2 --steps 4 --reps 1"
+  T="--size tiny"; STEPS=2; REPS=2; B=2; B2=4; IB="--train-batch 2 --infer-batch 2"
+  GEN="--num-images 2 --steps 4 --reps 1"
 else
-  T=""; STEPS=10; REPS=10; B=16; B2=32; GEN="--reps 2"
+  T=""; STEPS=10; REPS=10; B=16; B2=32; IB=""; GEN="--reps 2"
 fi
 
 phase() {  # phase NAME LIMIT COMMAND...: JSON lines to $LOG (and shortened here), progress lines here
@@ -51,21 +52,22 @@ for p in $PHASES; do
 bgjax.sampling.pipeline; import json; print(json.dumps({'what': 'setup', 'jax': jax.__version__, 'flax': flax.__version__, \
 'devices': [d.device_kind for d in jax.devices()]}))" ;;
     blocks) phase blocks 150 python3 tools/bench_blocks.py $T --reps $(( REPS * 2 )) ;;
-    denoise) phase denoise 150 python3 tools/bench.py $T --no-peer --what denoise --reps "$REPS" \
+    denoise) phase denoise 150 python3 tools/bench.py $T $IB --no-peer --what denoise --reps "$REPS" \
+      --branches "${DENOISE_BRANCHES:-controlnet,cg}" \
       --profile "$LOGS/prof_denoise" ;;
     train_cg) phase train_cg 300 python3 tools/bench_train.py $T --stage cg --batch $B --steps "$STEPS" \
       --profile "$LOGS/prof_cg" ;;
     cg_cached) phase cg_cached 120 python3 tools/bench_train.py $T --stage cg --batch $B --memory-only ;;
     train_cg_b32) phase train_cg_b32 240 python3 tools/bench_train.py $T --stage cg --batch $B2 --steps 3 ;;
     train_pg) phase train_pg 240 python3 tools/bench_train.py $T --stage pg --batch $B --steps "$STEPS" ;;
-    peer) phase peer 180 python3 tools/bench.py $T --no-bgjax --what train,denoise --no-torch-compile \
+    peer) phase peer 180 python3 tools/bench.py $T $IB --no-bgjax --what train,denoise --no-torch-compile \
       --reps "$REPS" ;;
     generate) phase generate 240 python3 tools/bench_generate.py $T $GEN ;;
-    vae) phase vae 120 python3 tools/bench.py $T --what vae --reps "$REPS" ;;
+    vae) phase vae 120 python3 tools/bench.py $T $IB --what vae --reps "$REPS" ;;
     flags)  # XLA flags one at a time, on the denoise step (it compiles in seconds)
       for f in --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false \
                --xla_gpu_autotune_level=0; do
-        XLA_FLAGS="${XLA_FLAGS:-} $f" phase "flags${f%%=*}" 100 python3 tools/bench.py $T --no-peer --what denoise \
+        XLA_FLAGS="${XLA_FLAGS:-} $f" phase "flags${f%%=*}" 100 python3 tools/bench.py $T $IB --no-peer --what denoise \
           --reps "$REPS"
       done ;;
     *) echo "unknown phase $p" ;;

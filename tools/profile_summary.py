@@ -25,13 +25,13 @@ from pathlib import Path
 
 import jax
 
-CATEGORIES = (  # first match wins; kernel or op names, lower case
-    ("attention", r"fmha|flash|attention|attn|splash|mha"),
-    ("convolution", r"conv|cudnn|implicit_gemm|xmma_fprop|xmma_dgrad|xmma_wgrad|sm90_xmma_[fdw]"),
-    ("matmul", r"gemm|cublas|matmul|dot|nvjet|triton_gemm|sm90_xmma"),
+CATEGORIES = (  # first match wins; op and kernel names, lower case ("convert" is not a convolution)
+    ("attention", r"fmha|flash|attention|attn|splash|sdpa|dot_do_o|convert_dq"),
+    ("convolution", r"cudnn-conv|convolution|conv_general|implicit_gemm|xmma_fprop|xmma_dgrad|xmma_wgrad|nhwc"),
+    ("matmul", r"gemm|cublas|matmul|dot|nvjet|sm90_xmma"),
     ("reduction", r"reduc|norm"),
     ("copy", r"memcpy|memset|copy|transpose"),
-    ("elementwise", r"fusion|loop|elementwise|convert|add|multiply"),
+    ("elementwise", r"fusion|loop|elementwise|convert|add|multiply|concatenate"),
 )
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
@@ -96,12 +96,11 @@ def hlo_instructions(text: str) -> dict[str, dict]:
     def own_flops(info: dict) -> float:
         line, ops = info["line"], info["operands"]
         out = _dims(info["result"])
-        labels = re.search(r"dim_labels=\w+_(\w+)->\w+", line)
-        if labels and len(ops) >= 2 and out:  # convolution, or cuDNN's convolution custom call
-            kernel, k_labels = dims(ops[1]), labels.group(1)
-            if len(kernel) == len(k_labels):
-                spatial = math.prod(kernel[i] for i, c in enumerate(k_labels) if c.isdigit())
-                return 2.0 * math.prod(out) * spatial * kernel[k_labels.index("i")]
+        if "dim_labels=" in line and len(ops) >= 2 and out:  # a convolution, forward or backward (cuDNN's too)
+            # 2 x (kernel elements) x (batch x spatial positions of the forward output), whichever of the three
+            # tensors the call computes: the kernel is the smallest, activations are NHWC (b01f).
+            tensors = sorted([out, dims(ops[0]), dims(ops[1])], key=math.prod)
+            return 2.0 * math.prod(tensors[0]) * min(math.prod(t[:-1]) for t in tensors[1:])
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
         if contracting and ops and out:
             lhs = dims(ops[0])
@@ -138,42 +137,55 @@ def summarize(trace_path: Path, steps: int, hlo: dict[str, dict] | None, top: in
     with gzip.open(trace_path) as f:
         trace = json.load(f)
     ops, where = device_events(trace)
-    by_op = collections.defaultdict(lambda: {"us": 0.0, "count": 0, "kernel": ""})
+    by_op = collections.defaultdict(lambda: {"us": 0.0, "kernels": collections.Counter(), "kernel": ""})
     for e in ops:
         args = e.get("args") or {}
         key = args.get("hlo_op") or e["name"]
+        if key.startswith("command_buffer"):  # a CUDA graph of many fusions: each kernel is one of them
+            key = re.sub(r"_(\d+)$", r".\1", e["name"])
         entry = by_op[key]
         entry["us"] += float(e.get("dur", 0.0))
-        entry["count"] += 1
-        entry["kernel"] = entry["kernel"] or e["name"]
+        entry["kernels"][e["name"]] += 1  # an op may launch several kernels (a memset, then the conv)
+        entry["kernel"] = entry["kernel"] if entry["kernel"] and "Memset" not in entry["kernel"] else e["name"]
     total_us = sum(v["us"] for v in by_op.values())
-    cats = collections.Counter()
+    cats, floors = collections.Counter(), collections.Counter()
     for op, v in by_op.items():
-        cats[category(f"{op} {v['kernel']}")] += v["us"]
+        cat = category(f"{op} {v['kernel']}")
+        cats[cat] += v["us"]
+        floors[cat] += _floor_s(hlo, op, max(v["kernels"].values()) / steps, bandwidth, peak) * 1e3
     rows = []
     for op, v in sorted(by_op.items(), key=lambda kv: -kv[1]["us"])[:top]:
         row = {"op": op, "kernel": v["kernel"][:80], "category": category(f"{op} {v['kernel']}"),
                "ms_per_step": v["us"] / steps / 1e3, "share": v["us"] / total_us if total_us else 0.0,
-               "calls_per_step": v["count"] / steps}
+               "calls_per_step": max(v["kernels"].values()) / steps}
         info = (hlo or {}).get(op)
         if info:
-            floors = [info["bytes"] / bandwidth]
-            if info["flops"]:
-                floors.append(info["flops"] / peak)
-                row["gflop"] = info["flops"] / 1e9
             row["mbytes"] = info["bytes"] / 1e6
-            row["floor_ms"] = max(floors) * 1e3 * row["calls_per_step"]
+            if info["flops"]:
+                row["gflop"] = info["flops"] / 1e9
+            row["floor_ms"] = _floor_s(hlo, op, row["calls_per_step"], bandwidth, peak) * 1e3
         rows.append(row)
     arg_keys = sorted({k for e in ops[:200] for k in (e.get("args") or {})})
     return {"what": "profile_top_ops", "trace": str(trace_path), "device": where, "steps": steps,
             "event_arg_keys": arg_keys,
             "total_ms_per_step": total_us / steps / 1e3,
-            "by_category_ms_per_step": {k: v / steps / 1e3 for k, v in cats.most_common()}, "top": rows}
+            "by_category_ms_per_step": {k: v / steps / 1e3 for k, v in cats.most_common()},
+            # the floors of the ops found in the module's text (cuBLAS kernels inside CUDA graphs are not)
+            "floor_ms_per_step_by_category": {k: floors[k] for k, _ in cats.most_common()}, "top": rows}
+
+
+def _floor_s(hlo: dict | None, op: str, calls: float, bandwidth: float, peak: float) -> float:
+    """Seconds per step the op cannot beat: its bytes at `bandwidth` or its FLOPs at `peak`; 0 if unknown."""
+    info = (hlo or {}).get(op)
+    if not info:
+        return 0.0
+    return max(info["bytes"] / bandwidth, (info["flops"] or 0.0) / peak) * calls
 
 
 def table(summary: dict) -> str:
     lines = [f"{summary['device']}: {summary['total_ms_per_step']:.2f} ms of device ops per step",
-             "  " + ", ".join(f"{k} {v:.2f} ms" for k, v in summary["by_category_ms_per_step"].items()),
+             "  " + ", ".join(f"{k} {v:.2f} ms (floor {summary['floor_ms_per_step_by_category'][k]:.2f})"
+                              for k, v in summary["by_category_ms_per_step"].items()),
              f"{'ms/step':>8} {'share':>6} {'floor':>7}  {'category':<12} op / kernel"]
     for r in summary["top"]:
         floor = f"{r['floor_ms']:.3f}" if "floor_ms" in r else "-"

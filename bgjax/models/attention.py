@@ -5,9 +5,11 @@ attention=...)`), so jit sees it and no global state is read at trace time:
 
 - "xla": XLA's attention everywhere.
 - "cudnn": cuDNN's fused kernel wherever it applies (GPU, fp16/bf16, head dims a multiple of 8 up to
-  128); an odd key length (CLIP's 77-token contexts) is padded to an even one and masked out, since
-  cuDNN rejects odd key lengths when training. 4x faster than XLA for SD's 4096-token self-attention
-  on an H200 (docs/bench/). Elsewhere XLA.
+  128); an odd key length (CLIP's 77-token contexts) is padded to an even one and cut off by cuDNN's
+  padding lengths, since cuDNN rejects odd key lengths when training, and a key mask (mask-guided
+  attention's token sets) becomes the kept keys gathered to the front and their count, since cuDNN takes
+  no boolean mask. 4.8x faster than XLA for SD's 4096-token self-attention, forward and backward, on an
+  H200 (docs/bench/). Elsewhere XLA.
 - "flash": Pallas flash attention (the TPU kernel of `jax.experimental.pallas.ops.tpu`) for unmasked
   self-attention whose length is a multiple of 128; head dims are zero-padded to 128, as MaxDiffusion
   does. XLA's plain path writes every (T, T) score matrix to HBM; the kernel never does. Elsewhere XLA.
@@ -59,8 +61,9 @@ def flash_supports(q: jax.Array, k: jax.Array) -> bool:
 def choose(impl: Implementation, q: jax.Array, k: jax.Array, masked: bool = False, causal: bool = False) -> str:
     """The kernel a call runs: "xla", "cudnn" or "flash" (see the module docstring)."""
     check_implementation(impl)
-    # Odd key lengths are padded, except under a causal mask, which would then cover the padding too.
-    if impl in ("auto", "cudnn") and cudnn_supports(q, k) and not (causal and k.shape[1] % 2):
+    # Odd key lengths are padded and key masks gathered (cudnn_keys), except under a causal mask, which would
+    # then cover the moved keys too.
+    if impl in ("auto", "cudnn") and cudnn_supports(q, k) and not (causal and (masked or k.shape[1] % 2)):
         return "cudnn"
     tpu_long = jax.default_backend() == "tpu" and q.shape[1] >= FLASH_MIN_TOKENS
     if (impl == "flash" or (impl == "auto" and tpu_long)) and not (masked or causal) and flash_supports(q, k):
@@ -68,23 +71,27 @@ def choose(impl: Implementation, q: jax.Array, k: jax.Array, masked: bool = Fals
     return "xla"
 
 
-def pad_odd_keys(k: jax.Array, v: jax.Array, mask: jax.Array | None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-    """(k, v, mask, key lengths) with an odd key length padded by one key that the mask (or, without one,
-    the key lengths) leaves out; unchanged for even lengths."""
-    length = k.shape[1]
-    if length % 2 == 0:
-        return k, v, mask, None
-    k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (k, v))
-    if mask is None:
-        return k, v, None, jnp.full((k.shape[0],), length, jnp.int32)
-    mask = jnp.pad(jnp.broadcast_to(mask, (*mask.shape[:-1], length)), ((0, 0), (0, 0), (0, 0), (0, 1)))
-    return k, v, mask, None
+def cudnn_keys(k: jax.Array, v: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(k, v, key lengths) in the form cuDNN takes. cuDNN takes no boolean mask (it asks for a bias as long as
+    the keys), but it has a padding mask: a key mask (B, 1, 1, S) becomes the kept keys gathered to the front
+    (in order) and their count. An odd key length (CLIP's 77 tokens), which cuDNN rejects when training, gets
+    one key more that the lengths leave out. Lengths are None when every key counts."""
+    lengths = None
+    if mask is not None:
+        keep = jnp.broadcast_to(mask, (mask.shape[0], 1, 1, k.shape[1]))[:, 0, 0, :]
+        order = jnp.argsort(~keep, axis=-1, stable=True)[:, :, None, None]
+        k, v = jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1)
+        lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+    if k.shape[1] % 2:
+        if lengths is None:
+            lengths = jnp.full((k.shape[0],), k.shape[1], jnp.int32)
+        k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (k, v))
+    return k, v, lengths
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool) -> jax.Array:
-    k, v, mask, lengths = pad_odd_keys(k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, key_value_seq_lengths=lengths,
+    k, v, lengths = cudnn_keys(k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, key_value_seq_lengths=lengths,
                                         implementation="cudnn")
 
 

@@ -31,7 +31,7 @@ from bgjax.train.checkpoint import Checkpoints, abstract
 from bgjax.train.models import load_stage, save_model
 from bgjax.train.resume import check_latent_cache, check_resume
 from bgjax.train.samples import sample_grid, validation_set
-from bgjax.train.step import init_state, jit_train_step, make_optimizer
+from bgjax.train.step import init_state, jit_train_step, make_optimizer, program_flops
 
 _log = logging.getLogger("bgjax.train")
 
@@ -184,10 +184,10 @@ def _run(config, workdir: Path, data: TrainingData, checkpoints: Checkpoints, st
 
     batch = sharding.global_batch(next(batches), mesh) if start < config.num_steps else None
     t0 = time.perf_counter()
-    compiled = trainer.step.lower(state, frozen, batch).compile() if batch is not None else None
+    lowered = trainer.step.lower(state, frozen, batch) if batch is not None else None
+    compiled = lowered.compile() if lowered is not None else None
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis() if compiled is not None else None
-    flops = float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0))
+    flops = program_flops(lowered) if lowered is not None else 0.0
     if compiled is not None:
         _log.info("train step compiled in %.1f s (%.3g TFLOP per device per step)", compile_s, flops / 1e12)
 
