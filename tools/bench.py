@@ -108,7 +108,7 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
             state[0], state[1], loss = compiled(state[0], state[1], unet_bf16)
             return loss
 
-        dt = median_time(run, sync, 3, args.reps)
+        dt = median_time(run, sync, args.warm, args.reps)
         fl = b * (2 * UNET_FLOPS_SD15 + 3 * CONTROLNET_FLOPS_SD15) if args.size == "sd15" else program_flops(lowered)
         mem = compiled.memory_analysis()
         emit(side="bgjax", what="train_controlnet_step", batch=b, s_per_step=dt, img_per_s=b / dt,
@@ -143,7 +143,7 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
             lowered = denoise.lower(*step_args)
             compiled = lowered.compile()
             compile_s = time.perf_counter() - t0
-            dt = median_time(lambda compiled=compiled, step_args=step_args: compiled(*step_args), sync, 3, args.reps)
+            dt = median_time(lambda c=compiled, a=step_args: c(*a), sync, args.warm, args.reps)
             fl = 2 * b * (UNET_FLOPS_SD15 + CONTROLNET_FLOPS_SD15) if args.size == "sd15" else program_flops(lowered)
             emit(side="bgjax", what="denoise_step_cfg", branch=name, batch=b, s_per_step=dt,
                  img_per_s_25steps=b / (25 * dt), tflops=fl / dt / 1e12, compile_s=compile_s)
@@ -156,7 +156,7 @@ def bench_bgjax(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
         vae_params = jax.tree_util.tree_map(lambda p: p.astype(bf16), vae_params)
         z = jax.random.normal(k, (args.infer_batch, latent, latent, 4), bf16)
         decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode)).lower(vae_params, z).compile()
-        dt = median_time(lambda: decode(vae_params, z), sync, 2, max(3, args.reps // 2))
+        dt = median_time(lambda: decode(vae_params, z), sync, args.warm, max(3, args.reps // 2))
         emit(side="bgjax", what="vae_decode", batch=args.infer_batch, s=dt)
 
 
@@ -216,7 +216,7 @@ def bench_peer(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        dt = median_time(step, sync, 3, args.reps)
+        dt = median_time(step, sync, args.warm, args.reps)
         emit(side="peer", what="train_controlnet_step", batch=b, s_per_step=dt, img_per_s=b / dt,
              tflops=b * (2 * uf + 3 * cf) / dt / 1e12)
         del opt
@@ -235,7 +235,7 @@ def bench_peer(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
 
     if "denoise" in args.what:
         b = args.infer_batch
-        dt = median_time(denoiser(unet_bf, cnet_bf, b), sync, 3, args.reps)
+        dt = median_time(denoiser(unet_bf, cnet_bf, b), sync, args.warm, args.reps)
         emit(side="peer", what="denoise_step_cfg", impl="eager", batch=b, s_per_step=dt,
              img_per_s_25steps=b / (25 * dt), tflops=2 * b * (uf + cf) / dt / 1e12)
         if args.torch_compile:
@@ -243,7 +243,7 @@ def bench_peer(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
             one = denoiser(torch.compile(unet_bf), torch.compile(cnet_bf), b)
             sync(one())
             compile_s = time.perf_counter() - t0
-            dt = median_time(one, sync, 3, args.reps)
+            dt = median_time(one, sync, args.warm, args.reps)
             emit(side="peer", what="denoise_step_cfg", impl="torch.compile", batch=b, s_per_step=dt,
                  img_per_s_25steps=b / (25 * dt), tflops=2 * b * (uf + cf) / dt / 1e12, compile_s=compile_s)
 
@@ -251,7 +251,7 @@ def bench_peer(args, unet_cfg: dict, vae_cfg: dict, latent: int) -> None:
         vae = AutoencoderKL(**vae_cfg).to(dev, torch.bfloat16).eval()
         z = torch.randn(args.infer_batch, 4, latent, latent, device=dev, dtype=torch.bfloat16)
         with torch.inference_mode():
-            dt = median_time(lambda: vae.decode(z).sample, sync, 2, max(3, args.reps // 2))
+            dt = median_time(lambda: vae.decode(z).sample, sync, args.warm, max(3, args.reps // 2))
         emit(side="peer", what="vae_decode", batch=args.infer_batch, s=dt)
 
 
@@ -276,6 +276,7 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--infer-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warm", type=int, default=3, help="untimed calls first")
     p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
                    help="bgjax attention implementation inside the models")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers side")

@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--what", default="cg,cg+pg,alone",
+                        help="cg, cg+pg (with a reference), alone (image 0 alone against in the batch)")
     args = parser.parse_args()
     sizes = TINY if args.size == "tiny" else dict(unet=UNET, vae=VAE, clip=CLIP)
     print(json.dumps({"devices": [d.device_kind for d in jax.local_devices()], "jax": jax.__version__}), flush=True)
@@ -82,6 +84,8 @@ def main() -> None:
     reference = {"reference": rng.integers(0, 256, (side, side, 3), np.uint8), "reference_mask": mask}
     runs = {}
     for name, extra in (("cg", {}), ("cg+pg", reference)):
+        if name not in args.what.split(","):
+            continue
         def call(n=args.num_images, extra=extra):
             return pipe(photo, mask, "lamp", num_images=n, steps=args.steps, **extra)
 
@@ -99,6 +103,8 @@ def main() -> None:
                           "px": side, "first_call_s": round(first, 1), "s": round(s, 3),
                           "img_per_s": round(args.num_images / s, 2), "ms_per_step_upper_bound": round(
                               1000 * s / args.steps, 1)}), flush=True)
+    if "alone" not in args.what.split(",") or "cg" not in runs:
+        return
     alone = np.asarray(pipe(photo, mask, "lamp", num_images=1, steps=args.steps)[0])
     diff = np.abs(alone.astype(int) - runs["cg"])
     print(json.dumps({"what": f"image 0 alone vs in a batch of {args.num_images}", "max_abs_diff": int(diff.max()),

@@ -60,8 +60,8 @@ def synthetic_batch(models, categories: dict, batch: int, resolution: int, laten
         shape = (batch, resolution // factor, resolution // factor, 4)
         out["latent_mean"] = rng.standard_normal(shape).astype(np.float16)
         out["latent_logvar"] = np.full(shape, -6, np.float16)
-    if pg:
-        out.update(draw_pg_batch(mask, rng, PGAugmentConfig()))
+    if pg:  # each image mixes with another one, as the loader's partner draw gives it
+        out.update(draw_pg_batch(mask, rng, PGAugmentConfig()), pg_partner_image=np.roll(out["image"], -1, axis=0))
     return out
 
 

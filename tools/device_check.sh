@@ -22,8 +22,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_
 export BGJAX_COMPILE_CACHE=${BGJAX_COMPILE_CACHE:-$LOGS/compile_cache}  # shared by the phases, fresh per run
 LOG="$OUT/bench.jsonl"; : > "$LOG"
 if [ "$SIZE" = tiny ]; then
-  T="--size tiny"; STEPS=2; REPS=2; B=2; B2=4; IB="--train-batch 2 --infer-batch 2"
-  GEN="--num-images 2 --steps 4 --reps 1"
+  T="--size tiny"; STEPS=2; REPS=2; B=2; B2=4; IB="--train-batch 2 --infer-batch 2 --warm 1"
+  GEN="--num-images 2 --steps 4 --reps 1 --what cg"
 else
   T=""; STEPS=10; REPS=10; B=16; B2=32; IB=""; GEN="--reps 2"
 fi
