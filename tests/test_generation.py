@@ -21,7 +21,8 @@ from bgjax.cli import main
 from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.method.config import MethodConfig
 from bgjax.method.store import save_method
-from bgjax.sampling.pipeline import BackgroundPipeline, traces
+from bgjax.sampling.pipeline import BackgroundPipeline
+from bgjax.sampling.program import traces
 from tests.conftest import save_diffusers_folder, tiny_torch_pipeline
 from tests.torch_reference import CLIP_SD1_TINY, randomize
 

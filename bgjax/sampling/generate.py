@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from bgjax import __version__
 from bgjax.fileio import CheckpointError, atomic_write, write_json
-from bgjax.sampling.pipeline import DEFAULT_PLACEMENT, BackgroundPipeline, Prepared
+from bgjax.sampling.host import DEFAULT_PLACEMENT, Prepared
+from bgjax.sampling.pipeline import BackgroundPipeline
 from bgjax.sampling.schedulers import SAMPLERS
 from bgjax.sampling.settings import GenerationSettings, file_digest, model_fingerprint
 from bgjax.tables import COLUMNS, read_table
