@@ -355,7 +355,8 @@ def test_every_setting_keys_the_cache(model, tmp_path):
                "lambda_cg": ["--lambda-cg", "0.5"], "lambda_pg": ["--lambda-pg", "0.5"],
                "style_guidance": ["--style-guidance"], "size": ["--size", "64"], "dtype": ["--dtype", "bfloat16"],
                "prompt": ["--prompt", "a {category}"], "negative_prompt": ["--negative-prompt", "dark"],
-               "placement": ["--placement", "0.5", "0.5", "0.5"]}
+               "placement": ["--placement", "0.5", "0.5", "0.5"], "width": ["--width", "64"],
+               "height": ["--height", "64"], "image_format": ["--format", "webp"], "quality": ["--quality", "80"]}
 
     def settings(argv: list[str], seed: int = 0, fingerprint: str = "m") -> GenerationSettings:
         args: argparse.Namespace = build_parser().parse_args(argv)
@@ -433,3 +434,52 @@ def test_shards_together_make_the_one_machine_outputs(model, photo, tmp_path, mo
                                                   (one / "errors.jsonl").read_text().splitlines()]
     assert main(_generate_args(model, sharded, "--manifest", str(manifest), "--num-shards", "2",
                                "--shard-index", "2")) == 2
+
+
+def test_width_and_height_for_photos_and_cutouts_one_compile_per_shape(pipe, photo):
+    """A 48 x 48 photo fitted into a 64 x 32 canvas (32 x 32, centred: the rest is generated) and a cut-out placed
+    on it; the second product at the same shape compiles nothing."""
+    from bgjax.sampling.host import place_photo
+
+    before = traces()
+    wide = _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=2, steps=STEPS, width=64, height=32))
+    assert wide.shape == (2, 32, 64, 3) and traces() == before + 1
+    placed, placed_mask, inside = place_photo(photo["image"], photo["mask"].astype(np.uint8) * 255, (64, 32))
+    assert inside[:, 16:48].all() and not inside[:, :16].any() and not inside[:, 48:].any()
+    product = placed_mask >= 128
+    np.testing.assert_array_equal(wide[:, product], np.broadcast_to(placed[product], (2, product.sum(), 3)))
+    assert (wide[:, :, :16] != 255).any(axis=-1).mean() > 0.9  # outside the photo: generated, not the canvas
+    cutout = _arrays(pipe(photo["cutout"], category="coffee mug", num_images=2, steps=STEPS, width=64, height=32,
+                          placement=(10 / 32, 0.5, 0.5)))
+    assert cutout.shape == (2, 32, 64, 3) and traces() == before + 1  # same shape: the same program
+    np.testing.assert_array_equal(cutout[:, 11:21, 27:37], np.broadcast_to(photo["cutout"][5:15, 5:15, :3],
+                                                                            (2, 10, 10, 3)))
+    tall = pipe.prepare(photo["image"], photo["mask"], "lamp", height=64)  # the other side: the model's 32
+    assert tall.source.shape == (64, 32, 3) and tall.mask.shape == (64, 32)
+    with pytest.raises(ValueError, match="width: must be a positive multiple of 4"):
+        pipe.prepare(photo["image"], photo["mask"], "lamp", width=30, height=32)
+    with pytest.raises(ValueError, match="either size .* or width / height"):
+        pipe.prepare(photo["image"], photo["mask"], "lamp", size=32, width=32)
+
+
+def test_cli_formats_quality_and_canvas(model, photo, tmp_path, capsys):
+    f = photo["folder"]
+    argv = _generate_args(model, tmp_path, "--product", str(f / "product.png"), "--mask", str(f / "mask.png"),
+                          "--category", "lamp", "--width", "64", "--height", "32")
+    for extra in (["--format", "webp", "--quality", "90"], ["--format", "jpeg", "--quality", "90"],
+                  ["--format", "jpeg", "--quality", "20"]):
+        assert main([*argv, *extra]) == 0
+    webp, jpegs = sorted(tmp_path.glob("*.webp")), sorted(tmp_path.glob("*.jpg"))
+    assert len(webp) == 2 and len(jpegs) == 4 and not list(tmp_path.glob("*.png"))  # quality keys the files too
+    for file, name in ((webp[0], "WEBP"), (jpegs[0], "JPEG")):
+        with Image.open(file) as image:
+            assert image.format == name and image.size == (64, 32)
+        info = json.loads(file.with_suffix(".json").read_text())
+        assert info["format"] == name.lower() and info["settings"]["width"] == 64 and info["size"] == [64, 32]
+    sizes = {json.loads(p.with_suffix(".json").read_text())["quality"]: p.stat().st_size for p in jpegs}
+    assert sizes[20] < sizes[90]
+    capsys.readouterr()
+    assert main([*argv, "--quality", "0", "--format", "jpeg"]) == 2
+    assert "quality: expected an int from 1 to 100, got 0" in capsys.readouterr().err
+    assert main([*argv, "--size", "32"]) == 2
+    assert "give either --size" in capsys.readouterr().err

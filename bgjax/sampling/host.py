@@ -19,7 +19,6 @@ from PIL import Image, ImageOps
 
 from bgjax.data.augment import binary_mask, to_float
 from bgjax.data.images import load_image, load_mask
-from bgjax.fileio import atomic_write
 from bgjax.method.conditions import product_condition, reference_condition
 from bgjax.method.prompt_text import CategoryVocabulary, Prompt, PromptBuilder
 
@@ -34,9 +33,6 @@ CANVAS_COLOUR = (255, 255, 255)
 DEFAULT_PLACEMENT = (0.6, 0.5, 0.5)
 # The paste-back feather of a photo's mask, as a fraction of the longer side (at least 1 px).
 FEATHER_FRACTION = 0.01
-# Output files: format name -> (PIL format, suffix). PNG is lossless; `quality` applies to JPEG and WebP.
-IMAGE_FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
-DEFAULT_QUALITY = 95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,21 +170,6 @@ def paste_back(generated: np.ndarray, prepared: Prepared) -> np.ndarray:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[0, 1] floats -> uint8, rounded."""
     return np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8)
-
-
-def save_image(image: Image.Image, path: Path, image_format: str = "png", quality: int = DEFAULT_QUALITY) -> None:
-    """`image` written atomically as PNG, JPEG or WebP (IMAGE_FORMATS); `quality` 1-100 for JPEG and WebP."""
-    check_format(image_format, quality)
-    name, _ = IMAGE_FORMATS[image_format]
-    options = {} if image_format == "png" else {"quality": quality}
-    atomic_write(path, lambda tmp: image.save(tmp, format=name, **options))
-
-
-def check_format(image_format: str, quality: int) -> None:
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"format: expected one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"quality: expected an int from 1 to 100, got {quality!r}")
 
 
 def _text(value, what: str) -> str:
