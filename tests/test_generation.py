@@ -12,21 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import ControlNetModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from bgjax import model_dir
 from bgjax.cli import main
-from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.method.config import MethodConfig
 from bgjax.method.store import save_method
 from bgjax.sampling.pipeline import BackgroundPipeline
 from bgjax.sampling.program import traces
-from tests.conftest import save_diffusers_folder, tiny_torch_pipeline
-from tests.torch_reference import CLIP_SD1_TINY, randomize
+from tests.conftest import METHOD_CATEGORIES
 
-CATEGORIES = ["rice cooker", "lamp", "coffee mug"]
 STEPS = 3
 # Compiled programs are shared by shape: every 32 px call below with num_images=2 reuses one.
 EIGHT_DEVICES = """
@@ -43,21 +38,8 @@ np.save(sys.argv[3], np.stack([np.asarray(im) for im in images]))
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny model with CG and PG (random, non-zero outputs) and per-category identifiers."""
-    root = tmp_path_factory.mktemp("generation")
-    models = tiny_torch_pipeline(seed=3, controlnet=False)
-    # The UNet's cross-attention takes 32-wide states: a text encoder to match.
-    models["text_encoder"] = randomize(CLIPTextModel(CLIPTextConfig(**{**CLIP_SD1_TINY, "hidden_size": 32,
-                                                                        "intermediate_size": 64})), seed=5)
-    for i, name in enumerate(("cg", "pg")):
-        models[name] = randomize(ControlNetModel.from_unet(models["unet"], conditioning_embedding_out_channels=(8, 16)),
-                                 seed=30 + i, scale=0.1)
-    save_diffusers_folder(models, root / "src")
-    import_diffusers(root / "src", root / "model")
-    table = np.random.default_rng(0).standard_normal((len(CATEGORIES), 32)).astype(np.float32)
-    save_method(root / "model", MethodConfig(), CATEGORIES, table)
-    return root / "model"
+def model(method_model) -> Path:
+    return method_model
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +200,7 @@ def test_base_model_and_shared_identifier(model, photo, tmp_path):
 
     shared = tmp_path / "shared"
     shutil.copytree(model, shared)
-    save_method(shared, MethodConfig(identifiers="shared"), CATEGORIES, np.zeros((1, 32), np.float32))
+    save_method(shared, MethodConfig(identifiers="shared"), METHOD_CATEGORIES, np.zeros((1, 32), np.float32))
     prepared = BackgroundPipeline.from_pretrained(shared).prepare(photo["image"], photo["mask"], "teapot")
     assert prepared.category == "teapot" and prepared.prompt.text.startswith("A photo of teapot")
 
