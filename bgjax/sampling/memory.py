@@ -3,7 +3,7 @@
 On XLA the attention scores of the largest layer dominate: a (rows, T, T) float32 matrix per self-attention
 at the UNet's finest attention level (rows = 2 x batch x heads: classifier-free guidance doubles the batch)
 and in the VAE decoder's mid block (one head, T = the latent positions). XLA holds the logits and the
-probabilities at once. On the CPU the attention kernel splits the queries into chunks
+probabilities and more at once. On the CPU the attention kernel splits the queries into chunks
 (`bgjax.models.attention.cpu_query_chunk`), and only one chunk's scores are alive. The activations add a
 term linear in the pixels. `estimate` is compared with XLA's own account of the compiled program in
 tests/test_memory.py.
@@ -21,7 +21,8 @@ from bgjax.models.attention import cpu_query_chunk
 # Feature maps alive at the peak, in units of the largest one: fitted to XLA's memory analysis of the
 # compiled program on the CPU (tests/test_memory.py checks the estimate against it).
 UNET_MAPS, VAE_MAPS = 12, 6
-SCORE_COPIES = 2  # logits and probabilities
+# Score-sized buffers XLA keeps alive at once: four for a whole attention, two per chunk when chunked.
+SCORE_COPIES, CHUNK_SCORE_COPIES = 4, 2
 _GB = 1e9
 
 
@@ -46,8 +47,10 @@ class Need:
 
     def message(self, device: jax.Device, reason: str) -> str:
         where = "" if self.available is None else f", {self.available / _GB:.1f} GB free"
-        fits = (f"the largest size that fits is {self.largest[0]}x{self.largest[1]} px" if self.largest
-                else "no size fits")
+        if self.largest is not None:
+            fits = f"the largest size that fits is {self.largest[0]}x{self.largest[1]} px"
+        else:
+            fits = "no size fits" if self.available is not None else "a smaller size may fit"
         return (f"{self.width}x{self.height} px with {self.batch} image(s) per device needs about "
                 f"{self.total / _GB:.1f} GB ({self.scores / _GB:.1f} GB of attention scores at {self.tokens} "
                 f"tokens{', chunked' if self.chunked else ''}) on {device.platform}{where}: {reason}; {fits} "
@@ -61,7 +64,9 @@ def _activation_bytes(models) -> int:
 def _scores(rows: int, tokens: int) -> tuple[int, bool]:
     """(bytes of the float32 scores alive for one self-attention over `tokens`, chunked)."""
     chunk = cpu_query_chunk(rows, tokens, tokens)
-    return SCORE_COPIES * rows * (tokens if chunk is None else min(chunk, tokens)) * tokens * 4, chunk is not None
+    if chunk is None:
+        return SCORE_COPIES * rows * tokens * tokens * 4, False
+    return CHUNK_SCORE_COPIES * rows * min(chunk, tokens) * tokens * 4, True
 
 
 def estimate(models, batch: int, height: int, width: int) -> Need:
