@@ -157,14 +157,18 @@ def paste_back(generated: np.ndarray, prepared: Prepared) -> np.ndarray:
     the product's pixels blended back: out = w src + (1 - w) gen, w = 1 on the product (so those pixels are
     exactly the input's: `to_uint8` gives them back bit for bit)."""
     height, width = prepared.source.shape[:2]
-    w = prepared.weight[..., None]
-    source = prepared.source.astype(np.float32) / np.float32(255)
-    out = []
-    for image in np.asarray(generated, np.float32):
+    source = prepared.source.astype(np.float32)
+    source *= np.float32(1 / 255)
+    keep = (1 - prepared.weight)[..., None]
+    out = np.empty((len(generated), height, width, 3), np.float32)
+    for k, image in enumerate(np.asarray(generated, np.float32)):
         if image.shape[:2] != (height, width):
             image = np.clip(resize(image, (width, height), Image.Resampling.LANCZOS), 0, 1)
-        out.append(w * source + (1 - w) * image)
-    return np.stack(out)
+        # src + (1 - w) (gen - src), in place: a 6000 x 4000 photo's temporaries are 290 MB each
+        np.subtract(image, source, out=out[k])
+        out[k] *= keep
+        out[k] += source
+    return out
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
