@@ -36,7 +36,7 @@ from bgjax.method.config import MethodConfig
 from bgjax.method.prompt_text import CategoryVocabulary, Prompt, PromptBuilder
 from bgjax.method.store import IDENTIFIERS_DIR, TORCH_PIPELINE, TORCH_PIPELINE_LOADER, identifier_tokens
 from bgjax.models.area import area_resize_matrix
-from bgjax.sampling.host import DEFAULT_PLACEMENT, ImageLike, Inputs, Prepared, paste_back, to_uint8
+from bgjax.sampling.host import DEFAULT_PLACEMENT, ImageLike, Inputs, paste_back, to_uint8
 
 
 def region_weight(region: dict, tokens: int) -> torch.Tensor:
@@ -142,7 +142,8 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     """bgjax's `BackgroundPipeline` in diffusers, over a folder `bgjax export` wrote: the prompt with the
     category's identifier (its textual-inversion token), CG on the product I * M and PG on a reference's
     background, the sampling loop with classifier-free guidance, the VAE decode and the product pasted back.
-    The inputs are prepared and the product pasted back by the same code as in bgjax (`bgjax.sampling.host`).
+    The inputs are prepared (`pipe.inputs.prepare`) and the product pasted back by the same code as in bgjax
+    (`bgjax.sampling.host`).
 
     The sampler is `self.scheduler`, as in every diffusers pipeline; bgjax's names map to
     DDIMScheduler (ddim), DPMSolverMultistepScheduler (dpmpp_2m; `use_karras_sigmas=True`: dpmpp_2m_karras),
@@ -206,14 +207,6 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             ids[prompt.identifier_index] = self._identifier_ids[row]
         return torch.from_numpy(ids)[None].to(self.device)
 
-    def prepare(self, product: ImageLike, mask: ImageLike | None = None, category: str = "",
-                reference: ImageLike | None = None, reference_mask: ImageLike | None = None,
-                size: int | None = None, placement: Sequence[float] = DEFAULT_PLACEMENT,
-                feather: int | None = None, *, width: int | None = None, height: int | None = None) -> Prepared:
-        """Check and condition the inputs exactly as bgjax does (`bgjax.sampling.host.Inputs.prepare`)."""
-        return self.inputs.prepare(product, mask, category, reference, reference_mask, size, placement, feather,
-                                   width=width, height=height)
-
     @torch.no_grad()
     def __call__(self, product: ImageLike, mask: ImageLike | None = None, category: str = "",
                  reference: ImageLike | None = None, reference_mask: ImageLike | None = None, *,
@@ -233,8 +226,8 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         seeds, which are JAX's). `output_type` "pil" or "np" ((N, H, W, 3) float32 in [0, 1])."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
-        prepared = self.prepare(product, mask, category, reference, reference_mask, size, placement, feather,
-                                width=width, height=height)
+        prepared = self.inputs.prepare(product, mask, category, reference, reference_mask, size, placement, feather,
+                                       width=width, height=height)
         for note in self.inputs.warnings(prepared, lambda_cg, lambda_pg, prompt):
             warnings.warn(note, stacklevel=2)
         lambda_cg, lambda_pg = self.inputs.lambdas(prepared, lambda_cg, lambda_pg)

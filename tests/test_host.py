@@ -6,24 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bgjax.data.augment import dilate
 from bgjax.fileio import save_image
 from bgjax.sampling.host import feather, place_photo
-
-
-def _dilation_mean(mask: np.ndarray, radius: int) -> np.ndarray:
-    """The feather's definition: the mean of the mask dilated by 0 .. radius px (Chebyshev)."""
-    total, grown = mask.astype(np.float32), mask
-    for _ in range(radius):
-        grown = dilate(grown, 1)
-        total += grown
-    return total / np.float32(radius + 1)
+from tools.time_feather import by_dilations
 
 
 @pytest.mark.parametrize("radius", [0, 1, 3, 12])
 def test_feather_is_the_mean_of_the_dilations(radius):
-    """One distance transform gives, bit for bit, what one dilation per pixel of radius gave: shapes with holes,
-    two parts, a part touching the border."""
+    """One distance transform gives, bit for bit, the feather's definition, the mean of the mask dilated by
+    0 .. radius px (`tools/time_feather.py` times both): shapes with holes, two parts, a part at the border."""
     rng = np.random.default_rng(radius)
     mask = np.zeros((70, 90), bool)
     yy, xx = np.mgrid[:70, :90]
@@ -33,7 +24,7 @@ def test_feather_is_the_mean_of_the_dilations(radius):
     mask |= rng.random(mask.shape) > 0.995  # single pixels
     got = feather(mask, radius)
     assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, _dilation_mean(mask, radius))
+    np.testing.assert_array_equal(got, by_dilations(mask, radius))
     assert (got[mask] == 1).all() and got.min() == 0
 
 

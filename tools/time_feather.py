@@ -18,6 +18,8 @@ from bgjax.sampling.host import FEATHER_FRACTION, feather
 
 
 def by_dilations(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The feather's definition (tests/test_host.py checks `feather` against it): the mean of the mask dilated
+    by 0 .. radius px, one dilation per pixel of radius."""
     total, grown = mask.astype(np.float32), mask
     for _ in range(radius):
         grown = dilate(grown, 1)
