@@ -116,6 +116,15 @@ def test_the_estimate_agrees_with_xla(bundled, monkeypatch, size, batch, chunked
     assert 0.8 < need.total / xla < 1.25
 
 
+def test_fused_kernels_hold_no_scores(bundled, monkeypatch):
+    """Where `attention.choose` takes cuDNN's or the flash kernel (GPUs, TPUs), no score matrix is counted: a
+    512 px batch of 8 is then its activations alone, not 8 x 35 GB."""
+    xla = memory.estimate(bundled.models, 8, 512, 512)
+    monkeypatch.setattr(memory, "choose", lambda *args, **kwargs: "cudnn")
+    fused = memory.estimate(bundled.models, 8, 512, 512)
+    assert fused.scores == 0 < xla.scores and fused.total < xla.total
+
+
 def test_a_size_that_does_not_fit_is_one_line_naming_the_largest_that_does(bundled, monkeypatch, tmp_path, capsys):
     free = 300 * 10**6
     monkeypatch.setattr(memory, "available", lambda device: free)

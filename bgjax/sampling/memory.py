@@ -1,12 +1,13 @@
 """What a generation needs in memory, before it runs, and a one-line error when a size does not fit.
 
-On XLA the attention scores of the largest layer dominate: a (rows, T, T) float32 matrix per self-attention
+With XLA's attention the scores of the largest layer dominate: a (rows, T, T) float32 matrix per self-attention
 at the UNet's finest attention level (rows = 2 x batch x heads: classifier-free guidance doubles the batch)
 and in the VAE decoder's mid block (one head, T = the latent positions). XLA holds the logits and the
 probabilities and more at once. On the CPU the attention kernel splits the queries into chunks
-(`bgjax.models.attention.cpu_query_chunk`), and only one chunk's scores are alive. The activations add a
-term linear in the pixels. `estimate` is compared with XLA's own account of the compiled program in
-tests/test_memory.py.
+(`bgjax.models.attention.cpu_query_chunk`), and only one chunk's scores are alive; cuDNN's fused kernel (GPUs)
+and the flash kernel (TPUs) hold none: the estimate follows the kernel `attention.choose` takes. The
+activations add a term linear in the pixels. `estimate` is compared with XLA's own account of the compiled
+program in tests/test_memory.py.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
-from bgjax.models.attention import cpu_query_chunk
+from bgjax.models.attention import choose, cpu_query_chunk
 
 # Feature maps alive at the peak, in units of the largest one: fitted to XLA's memory analysis of the
 # compiled program on the CPU (tests/test_memory.py checks the estimate against it).
@@ -57,33 +59,38 @@ class Need:
                 f"(or generate fewer images per batch: batch_size / --batch-size)")
 
 
-def _activation_bytes(models) -> int:
-    return 2 if getattr(models.denoiser.unet, "dtype", None) == jax.numpy.bfloat16 else 4
-
-
-def _scores(rows: int, tokens: int) -> tuple[int, bool]:
-    """(bytes of the float32 scores alive for one self-attention over `tokens`, chunked)."""
-    chunk = cpu_query_chunk(rows, tokens, tokens)
-    if chunk is None:
-        return SCORE_COPIES * rows * tokens * tokens * 4, False
-    return CHUNK_SCORE_COPIES * rows * min(chunk, tokens) * tokens * 4, True
+def _scores(module, batch: int, heads: int, head_dim: int, tokens: int) -> tuple[int, bool]:
+    """(bytes of the float32 scores alive for one self-attention of `module` over `tokens`, chunked), for the
+    kernel that `bgjax.models.attention.choose` takes there: none for cuDNN's and the flash kernel, which never
+    hold the score matrix."""
+    q = jax.ShapeDtypeStruct((batch, tokens, heads, head_dim), module.dtype)
+    kernel = choose(module.attention, q, q)
+    if kernel in ("cudnn", "flash"):
+        return 0, False
+    if kernel == "chunked":
+        chunk = cpu_query_chunk(batch * heads, tokens, tokens)
+        return CHUNK_SCORE_COPIES * batch * heads * min(chunk, tokens) * tokens * 4, True
+    return SCORE_COPIES * batch * heads * tokens * tokens * 4, False
 
 
 def estimate(models, batch: int, height: int, width: int) -> Need:
     """What a batch of `batch` images at `height` x `width` px needs on one device (`models`: the program's
     `Models`). Params are not counted: they are loaded already."""
-    unet, vae, factor = models.denoiser.unet.config, models.vae.config, models.vae_factor
-    act = _activation_bytes(models)
+    unet_module, vae_module = models.denoiser.unet, models.vae
+    unet, vae, factor = unet_module.config, vae_module.config, models.vae_factor
+    act = jnp.dtype(unet_module.dtype).itemsize
     latent = (height // factor) * (width // factor)
     # The UNet (and its branches, which never run at the same time) over 2 x batch rows.
     level = next((i for i in range(len(unet.block_out_channels)) if unet.has_cross_attention(i)), None)
     unet_scores, unet_tokens, unet_chunked = 0, 0, False
     if level is not None:
-        unet_tokens = latent // 4**level
-        unet_scores, unet_chunked = _scores(2 * batch * unet.num_attention_heads[level], unet_tokens)
+        unet_tokens, heads = latent // 4**level, unet.num_attention_heads[level]
+        unet_scores, unet_chunked = _scores(unet_module, 2 * batch, heads, unet.block_out_channels[level] // heads,
+                                            unet_tokens)
     unet_total = unet_scores + UNET_MAPS * 2 * batch * latent * unet.block_out_channels[0] * act
     # The VAE decoder: one head over the latent positions, then full-resolution maps.
-    vae_scores, vae_chunked = _scores(batch, latent) if vae.mid_block_add_attention else (0, False)
+    vae_scores, vae_chunked = (_scores(vae_module, batch, 1, vae.block_out_channels[-1], latent)
+                               if vae.mid_block_add_attention else (0, False))
     vae_total = vae_scores + VAE_MAPS * batch * height * width * vae.block_out_channels[0] * act
     if unet_total >= vae_total:
         return Need(width, height, batch, unet_total, unet_scores, unet_tokens, unet_chunked)
