@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "bgjax model dir -> diffusers folder",
                 "Writes a bgjax model as a diffusers folder (UNet, VAE, text encoder, tokenizer, scheduler; CG and "
-                "PG as ControlNet folders) that diffusers and transformers load with from_pretrained.",
+                "PG as ControlNet folders, identifiers as textual inversion) that diffusers and transformers load "
+                "with from_pretrained; a model with CG / PG loads as bgjax.torch_compat.BackgroundTorchPipeline "
+                "(BackgroundTorchPipeline.from_pretrained(OUT)), which generates as bgjax does.",
                 (f"bgjax export {model} --out tiny_diffusers", "bgjax export runs/tiny_cg/model --out exported"),
                 _export)
     p.add_argument("model", help="a bgjax model directory (the bundled one is " + str(MODEL) + ")")
