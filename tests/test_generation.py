@@ -442,6 +442,8 @@ def test_width_and_height_for_photos_and_cutouts_one_compile_per_shape(pipe, pho
         pipe.prepare(photo["image"], photo["mask"], "lamp", width=30, height=32)
     with pytest.raises(ValueError, match="either size .* or width / height"):
         pipe.prepare(photo["image"], photo["mask"], "lamp", size=32, width=32)
+    with pytest.raises(ValueError, match="feather: applies to a photo's mask"):
+        pipe.prepare(photo["cutout"], category="lamp", feather=3)
 
 
 def test_cli_formats_quality_and_canvas(model, photo, tmp_path, capsys):

@@ -256,6 +256,8 @@ class Inputs:
             canvas = (side, side) if mask is None else None
         _, image = load_image(as_pil(product, "product"), "product")
         if mask is None:
+            if feather_px is not None:
+                raise ValueError("feather: applies to a photo's mask; a cut-out's alpha is its own soft edge")
             placed = self._cutout(image, canvas, placement)
         else:
             placed = self._photo(image, mask, canvas, side, feather_px)
