@@ -16,9 +16,10 @@ attention=...)`), so jit sees it and no global state is read at trace time:
   FLASH_MIN_TOKENS tokens (SD's 4096- and 1024-token layers); XLA otherwise (CPU, fp32, the VAE's
   single 512-wide head, SD-1.5's 160-wide heads).
 
-On the CPU, where XLA's attention would hold more than CPU_SCORE_BYTES of scores at once, "auto" and "xla"
-split the queries into chunks and attend chunk after chunk inside the program (`chunked_attention`): the
-same values, with one chunk's scores alive (the bundled model at 512 px: 70 GB unchunked).
+On the CPU, where XLA's attention would hold more than CPU_SCORE_BYTES of scores at once, "auto" splits the
+queries into chunks and attends chunk after chunk inside the program (`chunked_attention`): the same values,
+with one chunk's scores alive (the bundled model at 512 px: 70 GB unchunked). XLA's cost analysis counts the
+chunk loop's body once, so FLOP counts of chunked programs are low; "xla" never chunks.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def choose(impl: Implementation, q: jax.Array, k: jax.Array, masked: bool = Fals
     tpu_long = jax.default_backend() == "tpu" and q.shape[1] >= FLASH_MIN_TOKENS
     if (impl == "flash" or (impl == "auto" and tpu_long)) and not (masked or causal) and flash_supports(q, k):
         return "flash"
-    if not causal and cpu_query_chunk(q.shape[0] * q.shape[2], q.shape[1], k.shape[1]) is not None:
+    if impl == "auto" and not causal and cpu_query_chunk(q.shape[0] * q.shape[2], q.shape[1], k.shape[1]):
         return "chunked"
     return "xla"
 
