@@ -64,13 +64,19 @@ def test_torch_compat_imports_without_jax():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
-def test_the_export_names_the_pipeline_diffusers_loads(exported, theirs):
+def test_the_export_names_the_pipeline_diffusers_loads(exported, theirs, inputs):
     index = json.loads((exported / "model_index.json").read_text())
     assert index["_class_name"] == ["bgjax_pipeline", "BackgroundTorchPipeline"]
     assert index["method"]["categories"] == ["rice cooker", "lamp", "coffee mug"]
     assert index["cg"] == index["pg"] == ["diffusers", "ControlNetModel"]
     generic = DiffusionPipeline.from_pretrained(exported, trust_remote_code=True)
     assert type(generic) is BackgroundTorchPipeline  # the class itself, imported by the folder's two lines
+    generic.set_progress_bar_config(disable=True)
+    (image,) = generic(inputs["product"], inputs["mask"], "coffee mug", num_inference_steps=1).images
+    assert image.size == (32, 32)  # its identifiers came from the folder it was loaded from, on first use:
+    assert generic._identifier_ids == [generic.tokenizer.convert_tokens_to_ids(f"<bg-{name}>")
+                                       for name in ("rice_cooker", "lamp", "coffee_mug")]
+    assert len(set(generic._identifier_ids)) == 3 and generic.tokenizer.unk_token_id not in generic._identifier_ids
     with pytest.raises(ValueError, match="trust_remote_code"):  # diffusers runs a folder's code only when told
         DiffusionPipeline.from_pretrained(exported)
     assert theirs.cg is not None and theirs.pg is not None
