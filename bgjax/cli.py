@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bgjax import __version__
 from bgjax.data.bg60k import ALPHA_THRESHOLD, MIN_MATCH
+from bgjax.fileio import DEFAULT_QUALITY, IMAGE_FORMATS
 from bgjax.outputs import claim_output, fresh_output
 
 
@@ -336,11 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="the unconditional pass's prompt (default: empty)")
     p.add_argument("--size", type=int, help="working resolution: a photo's longer side, a cut-out's square "
                                             "canvas (default: the model's resolution)")
+    p.add_argument("--width", type=int, help="the canvas width in pixels: a photo is fitted into width x height "
+                                             "(the rest generated), a cut-out placed on it (default: the model's "
+                                             "resolution when --height is given)")
+    p.add_argument("--height", type=int, help="the canvas height (see --width)")
     p.add_argument("--placement", type=float, nargs=3, metavar=("SCALE", "CX", "CY"),
                    help="cut-outs: fit in SCALE x the canvas, centred at (CX, CY) fractions (default 0.6 0.5 0.5)")
     p.add_argument("--batch-size", type=int, help="images per device batch (default: all of a product's at once)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (bfloat16 on GPUs and TPUs)")
+    p.add_argument("--format", choices=tuple(IMAGE_FORMATS), default="png", dest="image_format",
+                   help="image files: png (lossless), jpeg or webp")
+    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="jpeg / webp quality, 1-100")
     p.add_argument("--out", required=True, help="the folder for the images, sidecars and errors.jsonl")
     p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
     p.add_argument("--num-shards", type=int, help="split a manifest over N runs (default: a Slurm job array's task "
@@ -372,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "bgjax model dir -> diffusers folder",
                 "Writes a bgjax model as a diffusers folder (UNet, VAE, text encoder, tokenizer, scheduler; CG and "
-                "PG as ControlNet folders) that diffusers and transformers load with from_pretrained.",
+                "PG as ControlNet folders, identifiers as textual inversion) that diffusers and transformers load "
+                "with from_pretrained; a model with CG / PG loads as bgjax.torch_compat.BackgroundTorchPipeline "
+                "(BackgroundTorchPipeline.from_pretrained(OUT)), which generates as bgjax does.",
                 (f"bgjax export {model} --out tiny_diffusers", "bgjax export runs/tiny_cg/model --out exported"),
                 _export)
     p.add_argument("model", help="a bgjax model directory (the bundled one is " + str(MODEL) + ")")

@@ -104,7 +104,7 @@ def _cutout(category: str) -> Path:
 
 def _placed_mask(pipe, alpha: np.ndarray) -> np.ndarray:
     """The cut-out's mask where the pipeline placed it on its canvas (default placement)."""
-    from bgjax.sampling.pipeline import place_cutout
+    from bgjax.sampling.host import place_cutout
 
     rgba = np.dstack([np.zeros(alpha.shape + (3,), np.uint8), alpha])
     return place_cutout(Image.fromarray(rgba, "RGBA"), (pipe.resolution, pipe.resolution))[1]

@@ -1,4 +1,4 @@
-"""File I/O every part of bgjax shares: safetensors, JSON, atomic writes and the one error type
+"""File I/O every part of bgjax shares: safetensors, JSON, image files, atomic writes and the one error type
 for unreadable or mismatched files. A leaf module: it imports nothing from bgjax."""
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+# Image files: format name -> (PIL format, suffix). PNG is lossless; the quality applies to JPEG and WebP.
+IMAGE_FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
+DEFAULT_QUALITY = 95
 
 
 class CheckpointError(ValueError):
@@ -55,3 +59,19 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: d
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def check_image_format(image_format: str, quality: int) -> None:
+    """ValueError unless `image_format` is one of IMAGE_FORMATS and `quality` an int from 1 to 100."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality: expected an int from 1 to 100, got {quality!r}")
+
+
+def save_image(image, path: Path, image_format: str = "png", quality: int = DEFAULT_QUALITY) -> None:
+    """A PIL image written atomically as PNG, JPEG or WebP (IMAGE_FORMATS); `quality` for JPEG and WebP."""
+    check_image_format(image_format, quality)
+    name = IMAGE_FORMATS[image_format][0]
+    options = {} if image_format == "png" else {"quality": quality}
+    atomic_write(path, lambda tmp: image.save(tmp, format=name, **options))

@@ -1,26 +1,42 @@
-"""Run an exported bgjax model in diffusers: attention processors for the paper's branches.
+"""Serve an exported bgjax model in PyTorch with diffusers: `BackgroundTorchPipeline`, and the attention
+processors of the paper's branches that it installs.
 
-Import this only where PyTorch and diffusers are installed (bgjax never imports it itself).
+Import this where PyTorch and diffusers are installed; it needs no JAX (bgjax never imports it itself).
 
-    from bgjax.torch_compat import BackgroundDenoiser
-    denoiser = BackgroundDenoiser(unet, cg=ControlNetModel.from_pretrained("out/cg"),
-                                  pg=ControlNetModel.from_pretrained("out/pg"))
-    eps = denoiser(latents, t, text_embeddings, product_mask, fg_tokens, bg_tokens, cg_cond=..., pg_cond=...)
+    from diffusers import DPMSolverMultistepScheduler
+    from bgjax.torch_compat import BackgroundTorchPipeline
+    pipe = BackgroundTorchPipeline.from_pretrained("exported")          # the folder `bgjax export` wrote
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)   # bgjax's dpmpp_2m
+    images = pipe("kettle.jpg", "kettle_mask.png", "rice cooker", num_images_per_prompt=4).images
 
-Tensors are diffusers' NCHW; masks are (B, H, W) at any resolution (usually the image's),
-token sets (B, L) with 1 on the tokens of P_fg / P_bg. The identifiers export as diffusers
-textual-inversion files, one token per file: `pipe.load_textual_inversion(...)`.
+`DiffusionPipeline.from_pretrained("exported", trust_remote_code=True)` loads the same class: the export's
+model_index.json names it as diffusers names custom pipelines, ["bgjax_pipeline", "BackgroundTorchPipeline"],
+beside a two-line `bgjax_pipeline.py` that imports it from here. Tensors are diffusers' NCHW (bgjax: NHWC).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from bgjax.method.config import MethodConfig
+from bgjax.method.prompt_text import CategoryVocabulary, Prompt, PromptBuilder
+from bgjax.method.store import IDENTIFIERS_DIR, TORCH_PIPELINE, TORCH_PIPELINE_LOADER, identifier_tokens
 from bgjax.models.area import area_resize_matrix
+from bgjax.sampling.host import DEFAULT_PLACEMENT, ImageLike, Inputs, paste_back, to_uint8
 
 
 def region_weight(region: dict, tokens: int) -> torch.Tensor:
@@ -84,7 +100,11 @@ def _background_only(residual: torch.Tensor, region: dict) -> torch.Tensor:
 
 
 class BackgroundDenoiser(torch.nn.Module):
-    """The UNet with the CG and PG branches, as bgjax's `Denoiser` computes it."""
+    """The UNet with the CG and PG branches, as bgjax's `Denoiser` computes it: one noise prediction.
+
+    `denoiser(latents, t, text_embeddings, product_mask, fg_tokens, bg_tokens, cg_cond=..., pg_cond=...)`:
+    masks (B, H, W) at any resolution (usually the image's), token sets (B, L) with 1 on the tokens of
+    P_fg / P_bg; `lambda_cg` / `lambda_pg` a float or a (B, 1, 1, 1) tensor (per row)."""
 
     def __init__(self, unet, cg=None, pg=None, mask_guided_unet: bool = False, pg_mask_residuals: bool = False):
         super().__init__()
@@ -116,3 +136,138 @@ class BackgroundDenoiser(torch.nn.Module):
                          mid_block_additional_residual=mid,
                          cross_attention_kwargs=kwargs if self.mask_guided_unet else None).sample
 
+
+
+class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
+    """bgjax's `BackgroundPipeline` in diffusers, over a folder `bgjax export` wrote: the prompt with the
+    category's identifier (its textual-inversion token), CG on the product I * M and PG on a reference's
+    background, the sampling loop with classifier-free guidance, the VAE decode and the product pasted back.
+    The inputs are prepared (`pipe.inputs.prepare`) and the product pasted back by the same code as in bgjax
+    (`bgjax.sampling.host`).
+
+    The sampler is `self.scheduler`, as in every diffusers pipeline; bgjax's names map to
+    DDIMScheduler (ddim), DPMSolverMultistepScheduler (dpmpp_2m; `use_karras_sigmas=True`: dpmpp_2m_karras),
+    EulerDiscreteScheduler (euler) and DDPMScheduler (ddpm), each `from_config(pipe.scheduler.config)`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->cg->pg->unet->vae"
+    _optional_components = ["cg", "pg"]
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, scheduler: KarrasDiffusionSchedulers, cg: ControlNetModel | None = None,
+                 pg: ControlNetModel | None = None, method: dict | None = None):
+        """`method`: the bgjax model's method settings and categories (`MethodConfig` fields and "categories",
+        as model_index.json holds them); None for a base model (no identifiers: a category is only text)."""
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              cg=cg, pg=pg)
+        self.register_to_config(method=method)
+        settings = dict(method or {})
+        categories = settings.pop("categories", None) or None
+        config = MethodConfig.from_dict(settings)
+        self.denoiser = BackgroundDenoiser(unet, cg, pg, config.mask_guided_unet, config.pg_mask_residuals)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = factor
+        self.inputs = Inputs(PromptBuilder(tokenizer, config, text_encoder.config.max_position_embeddings),
+                             CategoryVocabulary(categories) if categories else None,
+                             unet.config.sample_size * factor, factor * 2 ** (len(unet.config.block_out_channels) - 1),
+                             cg is not None, pg is not None, base_model=categories is None)
+        self._identifier_ids: list[int] | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> BackgroundTorchPipeline:
+        """diffusers' `from_pretrained`. A folder whose `bgjax_pipeline.py` is exactly the two lines
+        `bgjax export` writes loads without `trust_remote_code` (they only import this class)."""
+        loader = Path(pretrained_model_name_or_path) / f"{TORCH_PIPELINE[0]}.py"
+        if loader.is_file() and loader.read_text() == TORCH_PIPELINE_LOADER:
+            kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def load_identifiers(self, folder: str | Path) -> None:
+        """The category identifiers of an export (`FOLDER/textual_inversion/`) as textual-inversion tokens
+        (diffusers' `load_textual_inversion`); a pipeline loaded with `from_pretrained` does this on first use."""
+        files = sorted((Path(folder) / IDENTIFIERS_DIR).glob("*.safetensors"))
+        config, vocabulary = self.inputs.prompts.config, self.inputs.vocabulary
+        tokens = identifier_tokens(vocabulary.names, config.identifiers == "shared")
+        missing = [t for t in tokens if t not in self.tokenizer.get_vocab()]
+        if missing and not files:
+            raise FileNotFoundError(f"{Path(folder) / IDENTIFIERS_DIR}: no textual-inversion files for the "
+                                    f"identifiers {', '.join(missing)}")
+        if missing:
+            self.load_textual_inversion([str(f) for f in files])
+        self._identifier_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+    def _input_ids(self, prompt: Prompt, row: int) -> torch.Tensor:
+        """The prompt's token ids with its identifier's placeholder replaced by the category's token."""
+        ids = prompt.input_ids.astype(np.int64)
+        if self.inputs.vocabulary is not None and prompt.identifier_index >= 0:
+            if self._identifier_ids is None:
+                self.load_identifiers(self.config._name_or_path)
+            ids = ids.copy()
+            ids[prompt.identifier_index] = self._identifier_ids[row]
+        return torch.from_numpy(ids)[None].to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, product: ImageLike, mask: ImageLike | None = None, category: str = "",
+                 reference: ImageLike | None = None, reference_mask: ImageLike | None = None, *,
+                 num_images_per_prompt: int = 1, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                 lambda_cg: float | None = None, lambda_pg: float | None = None, style_guidance: bool = False,
+                 prompt: str | None = None, negative_prompt: str = "", latents: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, size: int | None = None, width: int | None = None,
+                 height: int | None = None, placement: Sequence[float] = DEFAULT_PLACEMENT,
+                 feather: int | None = None, output_type: str = "pil", return_dict: bool = True):
+        """Ad images of the product, as `BackgroundPipeline(product, mask, category, reference, ...)` makes them.
+
+        Inputs and canvas (`size`, or `width` x `height`; `placement`, `feather`) as in bgjax. `lambda_cg` /
+        `lambda_pg`: the branches' scales (default: the model's). `style_guidance`: the unconditional pass
+        runs without PG (by default it keeps PG, as bgjax's). `prompt` replaces the method's template
+        (`{category}`, `{identifier}`), `negative_prompt` is the unconditional pass's. `latents`: (N, C, h, w)
+        NCHW, scaled by the scheduler's initial sigma (else drawn from `generator`: other noise than bgjax's
+        seeds, which are JAX's). `output_type` "pil" or "np" ((N, H, W, 3) float32 in [0, 1])."""
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
+        prepared = self.inputs.prepare(product, mask, category, reference, reference_mask, size, placement, feather,
+                                       width=width, height=height)
+        for note in self.inputs.warnings(prepared, lambda_cg, lambda_pg, prompt):
+            warnings.warn(note, stacklevel=2)
+        lambda_cg, lambda_pg = self.inputs.lambdas(prepared, lambda_cg, lambda_pg)
+        n = num_images_per_prompt
+        rows = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.unet.dtype)  # noqa: E731
+        prompts = (self.inputs.prompt(prepared, prompt), self.inputs.negative(negative_prompt))
+        context = torch.cat([self.text_encoder(self._input_ids(p, r))[0]
+                             for p, r in zip(prompts, (prepared.identifier_row, 0), strict=True)])
+        # [the n conditional rows; the n unconditional rows], as diffusers batches classifier-free guidance
+        context = context.repeat_interleave(n, dim=0)
+        fg, bg = (rows(np.stack([getattr(p, k) for p in prompts])).repeat_interleave(n, dim=0)
+                  for k in ("fg_tokens", "bg_tokens"))
+        product_mask = rows(prepared.mask)[None].expand(2 * n, -1, -1)
+        cg_cond = rows(prepared.cg_cond.transpose(2, 0, 1))[None].expand(2 * n, -1, -1, -1) \
+            if lambda_cg is not None else None
+        pg_cond = rows(prepared.pg_cond.transpose(2, 0, 1))[None].expand(2 * n, -1, -1, -1) \
+            if lambda_pg is not None else None
+        pg_scales = torch.tensor([lambda_pg or 0.0] * n + [0.0 if style_guidance else lambda_pg or 0.0] * n,
+                                 device=self.device, dtype=self.unet.dtype).reshape(2 * n, 1, 1, 1)
+
+        h, w = prepared.mask.shape
+        shape = (n, self.vae.config.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected NCHW shape {shape}, got {tuple(latents.shape)}")
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        x = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps = self.denoiser(model_input, t, context, product_mask, fg, bg, cg_cond, pg_cond,
+                                lambda_cg or 0.0, pg_scales)
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
+        shift = self.vae.config.shift_factor or 0.0
+        images = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
+        images = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        out = paste_back(images, prepared)
+        if output_type == "pil":
+            out = [Image.fromarray(im) for im in to_uint8(out)]
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=out) if return_dict else (out,)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from bgjax.convert.diffusers_folder import import_diffusers
+from bgjax.method.config import MethodConfig
+from bgjax.method.store import save_method
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from tests.torch_reference import CLIP_SD1_TINY, SD1_TINY, VAE_TINY, randomize
 
@@ -51,3 +55,25 @@ def tiny_models() -> dict[str, torch.nn.Module]:
 @pytest.fixture(scope="session")
 def tiny_diffusers_dir(tmp_path_factory, tiny_models) -> Path:
     return save_diffusers_folder(tiny_models, tmp_path_factory.mktemp("diffusers"))
+
+
+METHOD_CATEGORIES = ["rice cooker", "lamp", "coffee mug"]
+
+
+@pytest.fixture(scope="session")
+def method_model(tmp_path_factory) -> Path:
+    """A tiny bgjax model (32 px) with CG and PG (random weights everywhere, the zero-initialised output convs
+    too, so both branches move the result) and per-category identifiers (random, not the placeholder's)."""
+    root = tmp_path_factory.mktemp("method_model")
+    models = tiny_torch_pipeline(seed=3, controlnet=False)
+    # The UNet's cross-attention takes 32-wide states: a text encoder to match.
+    models["text_encoder"] = randomize(CLIPTextModel(CLIPTextConfig(**{**CLIP_SD1_TINY, "hidden_size": 32,
+                                                                        "intermediate_size": 64})), seed=5)
+    for i, name in enumerate(("cg", "pg")):
+        models[name] = randomize(ControlNetModel.from_unet(models["unet"], conditioning_embedding_out_channels=(8, 16)),
+                                 seed=30 + i, scale=0.1)
+    save_diffusers_folder(models, root / "src")
+    import_diffusers(root / "src", root / "model")
+    table = np.random.default_rng(0).standard_normal((len(METHOD_CATEGORIES), 32)).astype(np.float32)
+    save_method(root / "model", MethodConfig(), METHOD_CATEGORIES, table)
+    return root / "model"

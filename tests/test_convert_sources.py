@@ -306,11 +306,14 @@ def test_export_then_convert_keeps_the_method(tmp_path, capsys):
     np.testing.assert_array_equal(got_table, table)
     assert_same_params(root / "back", root / "model", ("unet", "vae", "text_encoder", "cg", "pg"))
     report = json.loads((root / "back" / "conversion_report.json").read_text())
-    assert report["not_used"] == ["safety_checker/: not used (bgjax has no safety checker)"]
+    assert report["not_used"] == [
+        "bgjax_pipeline.py: not used (the loader of bgjax's PyTorch pipeline; `bgjax export` writes it again)",
+        "safety_checker/: not used (bgjax has no safety checker)"]
 
     shutil.rmtree(root / "exported" / "textual_inversion")
     with pytest.raises(CheckpointError, match="no embedding for the identifier token"):
         import_diffusers(root / "exported", root / "back2")
-    (root / "exported" / "method.json").unlink()
+    index = json.loads((root / "exported" / "model_index.json").read_text())
+    (root / "exported" / "model_index.json").write_text(json.dumps({**index, "method": None}))
     (root / "exported" / "textual_inversion").mkdir()
     assert "textual_inversion/: not used" in " ".join(import_diffusers(root / "exported", root / "back3").notes)

@@ -69,8 +69,9 @@ def control_image() -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
 
 
-def _diffusers(cls, folder: Path, sampler: str, latents: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """(final latents NHWC, images in [0, 1]) of one diffusers pipeline call."""
+def _diffusers(cls, folder: Path, sampler: str, latents: np.ndarray, height: int = SIZE, width: int = SIZE,
+               **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(final latents NHWC, images in [0, 1]) of one diffusers pipeline call, one image per latent."""
     pipe = cls.from_pretrained(folder, safety_checker=None)
     pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)  # how a diffusers user switches
     pipe.set_progress_bar_config(disable=True)
@@ -82,8 +83,8 @@ def _diffusers(cls, folder: Path, sampler: str, latents: np.ndarray, **kwargs) -
 
     with torch.no_grad():
         images = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, latents=torch.from_numpy(nchw(latents)),
-                      num_images_per_prompt=NUM, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
-                      width=SIZE, output_type="np", callback_on_step_end=keep_latents, **kwargs).images
+                      num_images_per_prompt=len(latents), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      height=height, width=width, output_type="np", callback_on_step_end=keep_latents, **kwargs).images
     return nhwc(final["latents"]), np.asarray(images, np.float32)
 
 
@@ -151,3 +152,46 @@ def test_non_square_text_to_image_matches(folders, bgjax_pipe):
                                     guidance=GUIDANCE, sampler="dpmpp_2m", width=SIZE, height=16, output_type="np")
     assert ours.shape == (NUM, 16, SIZE, 3)
     assert float(np.abs(ours - ref).max()) < 1e-4
+
+
+@pytest.mark.slow
+def test_sd15_shapes_text_to_image_matches_stable_diffusion_pipeline(tmp_path):
+    """The real SD-1.5 UNet, VAE and CLIP ViT-L text encoder configs (diffusers' / transformers' default init,
+    random), 256 x 192 px, 5 DPM-Solver++ steps, guidance 7.5, fp32. One side at a time in memory: the
+    diffusers pipeline is built, saved and freed, loaded back with `from_pretrained`, run and freed; then
+    `bgjax convert` and bgjax's pipeline."""
+    import gc
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from tests.torch_reference import SD15
+
+    torch.manual_seed(0)
+    vae = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+    clip = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=512,
+                eos_token_id=513, pad_token_id=513)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae).eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**clip)).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(str(write_byte_tokenizer(tmp_path / "byte_tokenizer"))),
+        unet=UNet2DConditionModel(**SD15).eval(),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "sd15")
+    del pipe
+    gc.collect()
+
+    width, height = 256, 192
+    latents = np.random.default_rng(3).standard_normal((1, height // 8, width // 8, 4)).astype(np.float32)
+    ref_latents, ref_images = _diffusers(StableDiffusionPipeline, tmp_path / "sd15", "dpmpp_2m", latents, height,
+                                         width)
+    gc.collect()
+
+    assert main(["convert", str(tmp_path / "sd15"), "--out", str(tmp_path / "model")]) == 0
+    ours = BackgroundPipeline.from_pretrained(tmp_path / "model")
+    common = dict(negative_prompt=NEGATIVE, latents=latents, steps=STEPS, guidance=GUIDANCE, sampler="dpmpp_2m",
+                  width=width, height=height)
+    _check(ours.text_to_image(PROMPT, output_type="latent", **common),
+           ours.text_to_image(PROMPT, output_type="np", **common), ref_latents, ref_images, "SD-1.5 shapes, 256x192")

@@ -12,20 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import ControlNetModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from bgjax import model_dir
 from bgjax.cli import main
-from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.method.config import MethodConfig
 from bgjax.method.store import save_method
-from bgjax.sampling.pipeline import BackgroundPipeline, traces
-from tests.conftest import save_diffusers_folder, tiny_torch_pipeline
-from tests.torch_reference import CLIP_SD1_TINY, randomize
+from bgjax.sampling.pipeline import BackgroundPipeline
+from bgjax.sampling.program import traces
+from tests.conftest import METHOD_CATEGORIES
 
-CATEGORIES = ["rice cooker", "lamp", "coffee mug"]
 STEPS = 3
 # Compiled programs are shared by shape: every 32 px call below with num_images=2 reuses one.
 EIGHT_DEVICES = """
@@ -42,21 +38,8 @@ np.save(sys.argv[3], np.stack([np.asarray(im) for im in images]))
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny model with CG and PG (random, non-zero outputs) and per-category identifiers."""
-    root = tmp_path_factory.mktemp("generation")
-    models = tiny_torch_pipeline(seed=3, controlnet=False)
-    # The UNet's cross-attention takes 32-wide states: a text encoder to match.
-    models["text_encoder"] = randomize(CLIPTextModel(CLIPTextConfig(**{**CLIP_SD1_TINY, "hidden_size": 32,
-                                                                        "intermediate_size": 64})), seed=5)
-    for i, name in enumerate(("cg", "pg")):
-        models[name] = randomize(ControlNetModel.from_unet(models["unet"], conditioning_embedding_out_channels=(8, 16)),
-                                 seed=30 + i, scale=0.1)
-    save_diffusers_folder(models, root / "src")
-    import_diffusers(root / "src", root / "model")
-    table = np.random.default_rng(0).standard_normal((len(CATEGORIES), 32)).astype(np.float32)
-    save_method(root / "model", MethodConfig(), CATEGORIES, table)
-    return root / "model"
+def model(method_model) -> Path:
+    return method_model
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +200,7 @@ def test_base_model_and_shared_identifier(model, photo, tmp_path):
 
     shared = tmp_path / "shared"
     shutil.copytree(model, shared)
-    save_method(shared, MethodConfig(identifiers="shared"), CATEGORIES, np.zeros((1, 32), np.float32))
+    save_method(shared, MethodConfig(identifiers="shared"), METHOD_CATEGORIES, np.zeros((1, 32), np.float32))
     prepared = BackgroundPipeline.from_pretrained(shared).prepare(photo["image"], photo["mask"], "teapot")
     assert prepared.category == "teapot" and prepared.prompt.text.startswith("A photo of teapot")
 
@@ -354,7 +337,8 @@ def test_every_setting_keys_the_cache(model, tmp_path):
                "lambda_cg": ["--lambda-cg", "0.5"], "lambda_pg": ["--lambda-pg", "0.5"],
                "style_guidance": ["--style-guidance"], "size": ["--size", "64"], "dtype": ["--dtype", "bfloat16"],
                "prompt": ["--prompt", "a {category}"], "negative_prompt": ["--negative-prompt", "dark"],
-               "placement": ["--placement", "0.5", "0.5", "0.5"]}
+               "placement": ["--placement", "0.5", "0.5", "0.5"], "width": ["--width", "64"],
+               "height": ["--height", "64"], "image_format": ["--format", "webp"], "quality": ["--quality", "80"]}
 
     def settings(argv: list[str], seed: int = 0, fingerprint: str = "m") -> GenerationSettings:
         args: argparse.Namespace = build_parser().parse_args(argv)
@@ -432,3 +416,54 @@ def test_shards_together_make_the_one_machine_outputs(model, photo, tmp_path, mo
                                                   (one / "errors.jsonl").read_text().splitlines()]
     assert main(_generate_args(model, sharded, "--manifest", str(manifest), "--num-shards", "2",
                                "--shard-index", "2")) == 2
+
+
+def test_width_and_height_for_photos_and_cutouts_one_compile_per_shape(pipe, photo):
+    """A 48 x 48 photo fitted into a 64 x 32 canvas (32 x 32, centred: the rest is generated) and a cut-out placed
+    on it; the second product at the same shape compiles nothing."""
+    from bgjax.sampling.host import place_photo
+
+    before = traces()
+    wide = _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=2, steps=STEPS, width=64, height=32))
+    assert wide.shape == (2, 32, 64, 3) and traces() == before + 1
+    placed, placed_mask, inside = place_photo(photo["image"], photo["mask"].astype(np.uint8) * 255, (64, 32))
+    assert inside[:, 16:48].all() and not inside[:, :16].any() and not inside[:, 48:].any()
+    product = placed_mask >= 128
+    np.testing.assert_array_equal(wide[:, product], np.broadcast_to(placed[product], (2, product.sum(), 3)))
+    assert (wide[:, :, :16] != 255).any(axis=-1).mean() > 0.9  # outside the photo: generated, not the canvas
+    cutout = _arrays(pipe(photo["cutout"], category="coffee mug", num_images=2, steps=STEPS, width=64, height=32,
+                          placement=(10 / 32, 0.5, 0.5)))
+    assert cutout.shape == (2, 32, 64, 3) and traces() == before + 1  # same shape: the same program
+    np.testing.assert_array_equal(cutout[:, 11:21, 27:37], np.broadcast_to(photo["cutout"][5:15, 5:15, :3],
+                                                                            (2, 10, 10, 3)))
+    tall = pipe.prepare(photo["image"], photo["mask"], "lamp", height=64)  # the other side: the model's 32
+    assert tall.source.shape == (64, 32, 3) and tall.mask.shape == (64, 32)
+    with pytest.raises(ValueError, match="width: must be a positive multiple of 4"):
+        pipe.prepare(photo["image"], photo["mask"], "lamp", width=30, height=32)
+    with pytest.raises(ValueError, match="either size .* or width / height"):
+        pipe.prepare(photo["image"], photo["mask"], "lamp", size=32, width=32)
+    with pytest.raises(ValueError, match="feather: applies to a photo's mask"):
+        pipe.prepare(photo["cutout"], category="lamp", feather=3)
+
+
+def test_cli_formats_quality_and_canvas(model, photo, tmp_path, capsys):
+    f = photo["folder"]
+    argv = _generate_args(model, tmp_path, "--product", str(f / "product.png"), "--mask", str(f / "mask.png"),
+                          "--category", "lamp", "--width", "64", "--height", "32")
+    for extra in (["--format", "webp", "--quality", "90"], ["--format", "jpeg", "--quality", "90"],
+                  ["--format", "jpeg", "--quality", "20"]):
+        assert main([*argv, *extra]) == 0
+    webp, jpegs = sorted(tmp_path.glob("*.webp")), sorted(tmp_path.glob("*.jpg"))
+    assert len(webp) == 2 and len(jpegs) == 4 and not list(tmp_path.glob("*.png"))  # quality keys the files too
+    for file, name in ((webp[0], "WEBP"), (jpegs[0], "JPEG")):
+        with Image.open(file) as image:
+            assert image.format == name and image.size == (64, 32)
+        info = json.loads(file.with_suffix(".json").read_text())
+        assert info["format"] == name.lower() and info["settings"]["width"] == 64 and info["size"] == [64, 32]
+    sizes = {json.loads(p.with_suffix(".json").read_text())["quality"]: p.stat().st_size for p in jpegs}
+    assert sizes[20] < sizes[90]
+    capsys.readouterr()
+    assert main([*argv, "--quality", "0", "--format", "jpeg"]) == 2
+    assert "quality: expected an int from 1 to 100, got 0" in capsys.readouterr().err
+    assert main([*argv, "--size", "32"]) == 2
+    assert "give either --size" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from bgjax.method.prompts import PromptBuilder, embed_with_identifiers
 from bgjax.method.store import load_method, save_method
 from bgjax.models.region import Region
 from bgjax.models.text_encoder import load_tokenizer
-from bgjax.torch_compat import BackgroundDenoiser
+from bgjax.torch_compat import BackgroundDenoiser, BackgroundTorchPipeline
 from tests.conftest import save_diffusers_folder, tiny_torch_pipeline
 from tests.torch_reference import nchw, nhwc, randomize, rel_err
 
@@ -92,7 +92,10 @@ def test_exported_branches_match_bgjax_in_diffusers(exported, mask_guided_unet, 
 def test_identifiers_load_as_textual_inversion_and_encode_alike(exported):
     model, out = exported / "model", exported / "out"
     config, categories, table = load_method(model)
-    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    # The export loads as bgjax's pipeline (its model_index.json says so); its plain Stable Diffusion parts
+    # make diffusers' own pipeline, into which the identifiers load as textual inversion.
+    pipe = StableDiffusionPipeline.from_pipe(BackgroundTorchPipeline.from_pretrained(out), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
     files = sorted((out / "textual_inversion").glob("*.safetensors"))
     assert len(files) == len(CATEGORIES)
     for f in files:

@@ -13,9 +13,17 @@ from tqdm.auto import tqdm
 from bgjax import model_dir
 from bgjax.convert.checkpoint_io import find_weights, read_weights
 from bgjax.convert.torch_layout import params_to_state_dict, state_dict_to_params
-from bgjax.fileio import CheckpointError, read_safetensors, write_json, write_safetensors
+from bgjax.fileio import CheckpointError, atomic_write, read_safetensors, write_json, write_safetensors
 from bgjax.method.config import MethodConfig
-from bgjax.method.store import load_method, save_method
+from bgjax.method.store import (
+    IDENTIFIERS_DIR,
+    METHOD_FILE,
+    TORCH_PIPELINE,
+    TORCH_PIPELINE_LOADER,
+    identifier_tokens,
+    load_method,
+    save_method,
+)
 from bgjax.models.components import COMPONENTS, build, param_shapes
 from bgjax.models.configs import ConfigError, read_config_json
 from bgjax.models.text_encoder import load_tokenizer
@@ -26,12 +34,11 @@ COPIED = ("tokenizer", "scheduler")
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "controlnet")
 # Known non-weight entries, skipped with the reason recorded.
 IGNORED = {"text_encoder": {"text_model.embeddings.position_ids": "position-id buffer, recomputed"}}
-# What a bgjax export adds to a diffusers folder: the method settings and the identifiers.
-METHOD_FILE, IDENTIFIERS_DIR = "method.json", "textual_inversion"
 # Other top-level entries a diffusers pipeline folder may hold, and why they are not converted.
 UNUSED = {"safety_checker": "bgjax has no safety checker", "feature_extractor": "only the safety checker uses it",
           "image_encoder": "IP-Adapter image encoder, not part of this model", "README.md": "documentation",
-          ".gitattributes": "git metadata"}
+          ".gitattributes": "git metadata",
+          f"{TORCH_PIPELINE[0]}.py": "the loader of bgjax's PyTorch pipeline; `bgjax export` writes it again"}
 _VAE_DEPRECATED = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
@@ -88,8 +95,8 @@ def check_tokenizer(folder: Path, text_encoder_config: Mapping, source: str) -> 
 
 def import_diffusers(src: Path, out: Path) -> Conversion:
     """A diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, optional
-    controlnet/; a bgjax export's cg/, pg/, method.json and textual_inversion/) -> a bgjax model
-    directory. Whatever is not converted is listed in the result's notes and conversion_report.json."""
+    controlnet/; a bgjax export's cg/, pg/, textual_inversion/ and the method in model_index.json) -> a bgjax
+    model directory. Whatever is not converted is listed in the result's notes and conversion_report.json."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
@@ -111,13 +118,16 @@ def import_diffusers(src: Path, out: Path) -> Conversion:
     else:
         notes.append(f"{src}: no tokenizer/; the model cannot encode prompts until one is copied to "
                      f"{out / 'tokenizer'}")
+    method = None
     if (src / "model_index.json").is_file():
         shutil.copyfile(src / "model_index.json", out / "model_index.json")
-    if (src / METHOD_FILE).is_file():
-        import_method(src, out)
+        method = read_config_json(src / "model_index.json").get("method")
+    if method:
+        import_method(dict(method), src, out)
     elif (src / IDENTIFIERS_DIR).is_dir():
-        notes.append(f"{IDENTIFIERS_DIR}/: not used (no {METHOD_FILE} says which categories its tokens are)")
-    used = {*kinds, *COPIED, "model_index.json", METHOD_FILE, IDENTIFIERS_DIR}
+        notes.append(f"{IDENTIFIERS_DIR}/: not used (no method in model_index.json says which categories its "
+                     f"tokens are)")
+    used = {*kinds, *COPIED, "model_index.json", IDENTIFIERS_DIR}
     notes += [f"{p.name}{'/' * p.is_dir()}: not used ({UNUSED.get(p.name, 'not a part bgjax converts')})"
               for p in sorted(src.iterdir()) if p.name not in used]
     model_dir.write_manifest(out, kinds, source=str(src.resolve()))
@@ -135,14 +145,14 @@ def copy_folders(src: Path, out: Path) -> None:
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
 
 
-def import_method(src: Path, out: Path) -> None:
-    """A bgjax export's method.json and textual_inversion/ -> method.json + identifiers.safetensors."""
-    method = read_config_json(src / METHOD_FILE)
+def import_method(method: dict, src: Path, out: Path) -> None:
+    """A bgjax export's method (model_index.json's "method") and textual_inversion/ -> method.json +
+    identifiers.safetensors."""
     categories = method.pop("categories", [])
     try:
         config = MethodConfig.from_dict(method)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{src / METHOD_FILE}: {e}") from None
+        raise CheckpointError(f"{src / 'model_index.json'}: method: {e}") from None
     tokens = identifier_tokens(categories, config.identifiers == "shared")
     rows = {}
     for path in sorted((src / IDENTIFIERS_DIR).glob("*.safetensors")):
@@ -150,16 +160,19 @@ def import_method(src: Path, out: Path) -> None:
     missing = [t for t in tokens if t not in rows]
     if missing:
         raise CheckpointError(f"{src / IDENTIFIERS_DIR}: no embedding for the identifier token(s) "
-                              f"{', '.join(missing)} that {src / METHOD_FILE} implies")
+                              f"{', '.join(missing)} that the method in {src / 'model_index.json'} implies")
     extra = sorted(set(rows) - set(tokens))
     if extra:
         raise CheckpointError(f"{src / IDENTIFIERS_DIR}: token(s) {', '.join(extra)} are not the identifiers of "
-                              f"the categories in {src / METHOD_FILE}")
+                              f"the categories in {src / 'model_index.json'}")
     save_method(out, config, categories, np.stack([rows[t] for t in tokens]))
 
 
 def export_diffusers(model: Path, out: Path) -> list[str]:
-    """A bgjax model directory -> a diffusers folder that `from_pretrained` loads key for key."""
+    """A bgjax model directory -> a diffusers folder that `from_pretrained` loads key for key. A model with the
+    paper's branches or a method becomes a `bgjax.torch_compat.BackgroundTorchPipeline` folder (its
+    model_index.json holds the method, `textual_inversion/` the identifiers), any other a
+    StableDiffusion(ControlNet)Pipeline folder."""
     model, out = Path(model), Path(out)
     kinds = model_dir.components(model)
     for kind in tqdm(kinds, desc="export", unit="component"):
@@ -169,12 +182,18 @@ def export_diffusers(model: Path, out: Path) -> list[str]:
         write_safetensors(out / kind / COMPONENTS[kind].weights_name, params_to_state_dict(params),
                           metadata={"format": "pt"})
     copy_folders(model, out)
+    method = None
     if (model / METHOD_FILE).is_file():
-        # Kept beside the diffusers parts (which diffusers ignores) so that `bgjax convert` restores the model.
-        shutil.copyfile(model / METHOD_FILE, out / METHOD_FILE)
+        config, categories, _ = load_method(model)
+        method = {**config.to_dict(), "categories": categories}
         export_identifiers(model, out / IDENTIFIERS_DIR)
-    index = (read_config_json(model / "model_index.json") if (model / "model_index.json").is_file()
-             else pipeline_index(model, kinds))
+    if method is not None or {"cg", "pg"} & set(kinds):
+        index = torch_pipeline_index(model, kinds, method)
+        atomic_write(out / f"{TORCH_PIPELINE[0]}.py", lambda tmp: Path(tmp).write_text(TORCH_PIPELINE_LOADER))
+    elif (model / "model_index.json").is_file():
+        index = read_config_json(model / "model_index.json")
+    else:
+        index = pipeline_index(model, kinds)
     write_json(out / "model_index.json", index)
     return kinds
 
@@ -184,7 +203,20 @@ def pipeline_index(model: Path, kinds: list[str]) -> dict:
     index = {"_class_name": "StableDiffusionControlNetPipeline" if "controlnet" in kinds
              else "StableDiffusionPipeline", "requires_safety_checker": False,
              "safety_checker": [None, None], "feature_extractor": [None, None]}
-    for kind in (k for k in kinds if k in PIPELINE_COMPONENTS):
+    return _components(index, model, [k for k in kinds if k in PIPELINE_COMPONENTS])
+
+
+def torch_pipeline_index(model: Path, kinds: list[str], method: dict | None) -> dict:
+    """A model_index.json for `bgjax.torch_compat.BackgroundTorchPipeline`, named as diffusers names a custom
+    pipeline ([module, class], the module beside it), with the method (settings and categories)."""
+    index = {"_class_name": list(TORCH_PIPELINE), "method": method,
+             **{k: [None, None] for k in ("cg", "pg") if k not in kinds}}
+    return _components(index, model, [k for k in kinds if k in ("unet", "vae", "text_encoder", "cg", "pg")])
+
+
+def _components(index: dict, model: Path, kinds: list[str]) -> dict:
+    """`index` with the [library, class] entries of the components `kinds`, the tokenizer and the scheduler."""
+    for kind in kinds:
         library = "transformers" if kind == "text_encoder" else "diffusers"
         index[kind] = [library, COMPONENTS[kind].diffusers_class]
     if (model / "tokenizer").is_dir():
@@ -193,11 +225,6 @@ def pipeline_index(model: Path, kinds: list[str]) -> dict:
         scheduler = read_config_json(model / "scheduler" / "scheduler_config.json")
         index["scheduler"] = ["diffusers", scheduler.get("_class_name", "DDIMScheduler")]
     return index
-
-
-def identifier_tokens(categories: list[str], shared: bool) -> list[str]:
-    """The tokens the identifiers take in a diffusers tokenizer: <bg-rice_cooker>, or <bg-shared>."""
-    return ["<bg-shared>"] if shared else ["<bg-" + "_".join(name.split()) + ">" for name in categories]
 
 
 def export_identifiers(model: Path, out: Path) -> list[str]:

@@ -49,6 +49,7 @@ import hashlib
 import json
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,8 +232,8 @@ class _Run:
         a = self.args
         return GenerationSettings(model=self._fingerprint, sampler=a.sampler, steps=a.steps, guidance=float(a.guidance),
                                   lambda_cg=a.lambda_cg, lambda_pg=a.lambda_pg, style_guidance=False, size=a.size,
-                                  placement=None, dtype=a.dtype, prompt=None, negative_prompt="",
-                                  seed=_item_seed(a.seed, item.id))
+                                  width=None, height=None, placement=None, dtype=a.dtype, prompt=None,
+                                  negative_prompt="", seed=_item_seed(a.seed, item.id))
 
     def outputs(self, variant: str, item: EvalItem) -> list[tuple[Path, Path]]:
         # The variant and its reference choice are eval's own; the rest is what any generation is keyed on.
@@ -253,7 +254,7 @@ class _Run:
                 counts["items_cached"] += 1
             else:
                 todo.append(item)
-        per_item = a.images_per_item
+        per_item, warned = a.images_per_item, set()
         pipe = self.pipeline(variant) if todo else None
         with tqdm(total=len(items) * per_item, initial=counts["items_cached"] * per_item, unit="img",
                   desc=f"generate {variant}") as bar:
@@ -262,8 +263,11 @@ class _Run:
                 try:
                     prepared = pipe.prepare(item.image, item.mask, item.category, reference, reference_mask,
                                             size=a.size)
-                    images = pipe.generate(prepared, per_item, _item_seed(a.seed, item.id), a.steps, a.guidance,
-                                           a.lambda_cg, a.lambda_pg, a.sampler, a.batch_size)
+                    notes = pipe.warnings(prepared, a.lambda_cg, a.lambda_pg)
+                    with warnings.catch_warnings():  # printed once per variant below, recorded in the sidecars
+                        warnings.simplefilter("ignore", UserWarning)
+                        images = pipe.generate(prepared, per_item, _item_seed(a.seed, item.id), a.steps, a.guidance,
+                                               a.lambda_cg, a.lambda_pg, a.sampler, a.batch_size)
                 except ValueError as e:
                     counts["items_failed"] += 1
                     self.errors.append({"variant": variant, "id": item.id, "reason": str(e)})
@@ -278,8 +282,12 @@ class _Run:
                         "model": str(Path(a.model).resolve()), "data": str(Path(a.data).resolve()),
                         "split": self.split, **self.settings(variant), "lambda_cg": lambda_cg,
                         "lambda_pg": lambda_pg, "settings_key": self.generation_settings(item).key(),
-                        "cg_source": pipe.cg_source if pipe.has_cg else None,
+                        "cg_source": pipe.cg_source if pipe.has_cg else None, "warnings": notes,
                         "bgjax_version": __version__}
+                for note in notes:
+                    if note not in warned:
+                        warned.add(note)
+                        tqdm.write(f"bgjax eval: warning: {variant}: {note}", file=sys.stderr)
                 for k, (image, (png, sidecar)) in enumerate(zip(images, self.outputs(variant, item), strict=True)):
                     atomic_write(png, lambda tmp, image=image: image.save(tmp, format="PNG"))
                     write_json(sidecar, {**info, "image_index": k})  # last: its presence marks the image done

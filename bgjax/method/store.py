@@ -13,6 +13,8 @@ from bgjax.models.configs import ConfigError, read_config_json
 
 METHOD_FILE = "method.json"
 IDENTIFIERS_FILE = "identifiers.safetensors"
+# In a diffusers folder (`bgjax export`): one textual-inversion file per identifier token.
+IDENTIFIERS_DIR = "textual_inversion"
 
 
 def save_method(model_dir: Path, config: MethodConfig, categories: list[str], identifiers: np.ndarray) -> None:
@@ -41,3 +43,17 @@ def load_method_config(model_dir: Path) -> MethodConfig:
     """The model's `MethodConfig`; the defaults for a model without one (a base model)."""
     path = Path(model_dir) / METHOD_FILE
     return load_method(model_dir)[0] if path.is_file() else MethodConfig()
+
+
+def identifier_tokens(categories: list[str], shared: bool) -> list[str]:
+    """The tokens the identifiers take in a diffusers tokenizer: <bg-rice_cooker>, or <bg-shared>."""
+    return ["<bg-shared>"] if shared else ["<bg-" + "_".join(name.split()) + ">" for name in categories]
+
+
+# `bgjax export` names the PyTorch pipeline in model_index.json as diffusers' custom pipelines are named,
+# [module, class], and writes the module beside it: two lines that import the class from bgjax.torch_compat
+# (diffusers runs a folder's module only with `trust_remote_code=True`).
+TORCH_PIPELINE = ("bgjax_pipeline", "BackgroundTorchPipeline")
+TORCH_PIPELINE_LOADER = ('"""diffusers loads bgjax\'s pipeline through this file: '
+                         'DiffusionPipeline.from_pretrained(folder, trust_remote_code=True). pip install bgjax."""\n'
+                         "from bgjax.torch_compat import BackgroundTorchPipeline  # noqa: F401\n")

@@ -17,6 +17,11 @@ attention=...)`), so jit sees it and no global state is read at trace time:
 - "auto" (default): cuDNN on GPUs where it applies; flash on TPUs for self-attention of at least
   FLASH_MIN_TOKENS tokens (SD's 4096- and 1024-token layers); XLA otherwise (CPU, fp32, the VAE's
   single 512-wide head, SD-1.5's 160-wide heads).
+
+On the CPU, where XLA's attention would hold more than CPU_SCORE_BYTES of scores at once, "auto" splits the
+queries into chunks and attends chunk after chunk inside the program (`chunked_attention`): the same values,
+with one chunk's scores alive (the bundled model at 512 px: 70 GB unchunked). XLA's cost analysis counts the
+chunk loop's body once, so FLOP counts of chunked programs are low; "xla" never chunks.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ Implementation = Literal["auto", "xla", "cudnn", "flash"]
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "flash")
 FLASH_MIN_TOKENS = 1024
 _FLASH_BLOCKS = (512, 256, 128)
+CPU_SCORE_BYTES = 1 << 28  # float32 scores of one chunk of queries, all heads and batch rows
 
 _log = logging.getLogger(__name__)
 
@@ -59,7 +65,8 @@ def flash_supports(q: jax.Array, k: jax.Array) -> bool:
 
 
 def choose(impl: Implementation, q: jax.Array, k: jax.Array, masked: bool = False, causal: bool = False) -> str:
-    """The kernel a call runs: "xla", "cudnn" or "flash" (see the module docstring)."""
+    """The kernel a call runs: "xla", "chunked" (XLA by query chunks), "cudnn" or "flash" (see the module
+    docstring)."""
     check_implementation(impl)
     # Odd key lengths are padded and key masks gathered (cudnn_keys), except under a causal mask, which would
     # then cover the moved keys too.
@@ -68,6 +75,8 @@ def choose(impl: Implementation, q: jax.Array, k: jax.Array, masked: bool = Fals
     tpu_long = jax.default_backend() == "tpu" and q.shape[1] >= FLASH_MIN_TOKENS
     if (impl == "flash" or (impl == "auto" and tpu_long)) and not (masked or causal) and flash_supports(q, k):
         return "flash"
+    if impl == "auto" and not causal and cpu_query_chunk(q.shape[0] * q.shape[2], q.shape[1], k.shape[1]):
+        return "chunked"
     return "xla"
 
 
@@ -87,6 +96,26 @@ def cudnn_keys(k: jax.Array, v: jax.Array, mask: jax.Array | None) -> tuple[jax.
             lengths = jnp.full((k.shape[0],), k.shape[1], jnp.int32)
         k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (k, v))
     return k, v, lengths
+
+
+def cpu_query_chunk(rows: int, q_len: int, k_len: int) -> int | None:
+    """Queries per chunk on the CPU for `rows` = batch x heads, or None when all the scores fit CPU_SCORE_BYTES
+    (or the backend is not the CPU)."""
+    per_query = rows * k_len * 4
+    if jax.default_backend() != "cpu" or q_len * per_query <= CPU_SCORE_BYTES:
+        return None
+    return max(1, CPU_SCORE_BYTES // per_query)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int) -> jax.Array:
+    """XLA's attention over `chunk` queries at a time, one chunk after another (`lax.map`, one loop in the
+    program): the queries are padded to whole chunks and the padding's outputs dropped."""
+    batch, length = q.shape[:2]
+    count = -(-length // chunk)
+    q = jnp.pad(q, ((0, 0), (0, count * chunk - length), (0, 0), (0, 0)))
+    chunks = q.reshape(batch, count, chunk, *q.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda c: jax.nn.dot_product_attention(c, k, v, mask=mask, implementation="xla"), chunks)
+    return out.swapaxes(0, 1).reshape(batch, count * chunk, *out.shape[3:])[:, :length]
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool) -> jax.Array:
@@ -124,6 +153,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
             _log.warning("cuDNN attention unavailable for q%s k%s %s (%s); using XLA", q.shape, k.shape, q.dtype, e)
     if kernel == "flash":
         return flash_attention(q, k, v).astype(q.dtype)
+    if kernel == "chunked":
+        return chunked_attention(q, k, v, mask, cpu_query_chunk(q.shape[0] * q.shape[2], q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
 
 

@@ -1,1 +1,2 @@
-"""Diffusion samplers (DDPM, DDIM, DPM-Solver++ 2M, Euler) in JAX, matching diffusers' schedulers."""
+"""Generation: samplers matching diffusers', the host side (`host`, no JAX), the jitted program (`program`), the
+memory estimate (`memory`), `BackgroundPipeline` (`pipeline`) and `bgjax generate` (`generate`)."""

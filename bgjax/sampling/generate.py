@@ -1,13 +1,13 @@
-"""`bgjax generate`: one product, or a manifest of products, to PNG images with JSON sidecars.
+"""`bgjax generate`: one product, or a manifest of products, to images (PNG, JPEG or WebP) with JSON sidecars.
 
-Outputs are `OUT/{product stem}_{hash}_{k}.png` + `.json`; the hash covers the item's inputs (paths as
-written and the files' contents, category) and the `GenerationSettings` (model contents, sampler, steps,
-guidance, lambdas, size, dtype, prompts, seed, ...), so a rerun skips exactly the items whose images and
-sidecars all exist for these settings and regenerates any other. A manifest's broken lines are reported with their line
-number and reason on stderr and in `OUT/errors.jsonl` (rewritten each run), and skipped; `OUT/index.jsonl`
-lists each line's images. With `--num-shards N` (or a Slurm array / JAX processes) shard I takes rows
-I, I + N, ... and writes `errors-I-of-N.jsonl` / `index-I-of-N.jsonl`; the last shard to finish writes
-the merged `index.jsonl`.
+Outputs are `OUT/{product stem}_{hash}_{k}.png` (`.jpg`, `.webp` with `--format`) + `.json`; the hash covers
+the item's inputs (paths as written and the files' contents, category) and the `GenerationSettings` (model
+contents, sampler, steps, guidance, lambdas, size or width x height, dtype, prompts, seed, file format and
+quality, ...), so a rerun skips exactly the items whose images and sidecars all exist for these settings and
+regenerates any other. A manifest's broken lines are reported with their line number and reason on stderr and
+in `OUT/errors.jsonl` (rewritten each run), and skipped; `OUT/index.jsonl` lists each line's images. With
+`--num-shards N` (or a Slurm array / JAX processes) shard I takes rows I, I + N, ... and writes
+`errors-I-of-N.jsonl` / `index-I-of-N.jsonl`; the last shard to finish writes the merged `index.jsonl`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,16 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
 from bgjax import __version__
-from bgjax.fileio import CheckpointError, atomic_write, write_json
-from bgjax.sampling.pipeline import DEFAULT_PLACEMENT, BackgroundPipeline, Prepared
+from bgjax.fileio import (
+    IMAGE_FORMATS,
+    CheckpointError,
+    atomic_write,
+    check_image_format,
+    save_image,
+    write_json,
+)
+from bgjax.sampling.host import DEFAULT_PLACEMENT, Prepared
+from bgjax.sampling.pipeline import BackgroundPipeline
 from bgjax.sampling.schedulers import SAMPLERS
 from bgjax.sampling.settings import GenerationSettings, file_digest, model_fingerprint
 from bgjax.tables import COLUMNS, read_table
@@ -64,8 +72,8 @@ class Item:
         return f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
     def outputs(self, out: Path, settings: GenerationSettings) -> list[tuple[Path, Path]]:
-        stem = self.stem(settings)
-        return [(out / f"{stem}_{k}.png", out / f"{stem}_{k}.json") for k in range(self.num_images)]
+        stem, suffix = self.stem(settings), IMAGE_FORMATS[settings.image_format][1]
+        return [(out / f"{stem}_{k}{suffix}", out / f"{stem}_{k}.json") for k in range(self.num_images)]
 
 
 def _int(value, name: str, low: int) -> int:
@@ -133,13 +141,15 @@ class _Run:
         return GenerationSettings(
             model=self.fingerprint, sampler=a.sampler, steps=a.steps, guidance=float(a.guidance),
             lambda_cg=a.lambda_cg, lambda_pg=a.lambda_pg, style_guidance=bool(a.style_guidance), size=a.size,
-            placement=tuple(a.placement) if a.placement else None, dtype=a.dtype, prompt=a.prompt,
-            negative_prompt=a.negative_prompt or "", seed=item.seed)
+            width=a.width, height=a.height, placement=tuple(a.placement) if a.placement else None, dtype=a.dtype,
+            prompt=a.prompt, negative_prompt=a.negative_prompt or "", seed=item.seed, image_format=a.image_format,
+            quality=a.quality)
 
     def prepare(self, item: Item) -> Prepared:
         paths = {k: item.path(k) for k in _PATH_FIELDS}
         return self.pipe.prepare(paths["product"], paths["mask"], item.fields["category"], paths["reference"],
-                                 paths["reference_mask"], size=self.args.size, placement=self.placement)
+                                 paths["reference_mask"], size=self.args.size, placement=self.placement,
+                                 width=self.args.width, height=self.args.height)
 
     def process(self, item: Item) -> None:
         """Generate and write one item (or skip it when done); raises ValueError for bad input."""
@@ -184,14 +194,15 @@ class _Run:
             "sampler": a.sampler, "steps": a.steps, "guidance": a.guidance, "style_guidance": a.style_guidance,
             "lambda_cg": lambda_cg, "lambda_pg": lambda_pg,
             "dtype": a.dtype, "size": list(images[0].size), "placement": prepared.placement,
+            "format": a.image_format, "quality": a.quality if a.image_format != "png" else None,
             **{k: None if item.path(k) is None else str(item.path(k)) for k in _PATH_FIELDS},
             "warnings": notes, "settings": settings.to_dict(), "settings_key": settings.key(),
             "bgjax_version": __version__,
         }
         if item.line is not None:
             info.update(manifest=str(Path(a.manifest).resolve()), line=item.line)
-        for k, (image, (png, sidecar)) in enumerate(zip(images, outputs, strict=True)):
-            atomic_write(png, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        for k, (image, (file, sidecar)) in enumerate(zip(images, outputs, strict=True)):
+            save_image(image, file, a.image_format, a.quality)
             write_json(sidecar, {**info, "image_index": k})  # written last: its presence marks the image done
 
     def summary(self, errors: int) -> str:
@@ -328,6 +339,13 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.sampler not in SAMPLERS:
         print(f"bgjax generate: error: --sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}",
               file=sys.stderr)
+        return 2
+    try:
+        check_image_format(args.image_format, args.quality)
+        if args.size is not None and (args.width is not None or args.height is not None):
+            raise ValueError("--size: give either --size (the longer side) or --width / --height, not both")
+    except ValueError as e:
+        print(f"bgjax generate: error: {e}", file=sys.stderr)
         return 2
     if args.product and not args.category:
         print("bgjax generate: error: --category is required with --product", file=sys.stderr)

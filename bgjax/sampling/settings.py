@@ -36,7 +36,8 @@ def model_fingerprint(model: Path) -> str:
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     """One generation's settings. Lambdas are as requested (None: the model's default); `size` is the
-    requested working size (None: the model's resolution)."""
+    requested working size (None: the model's resolution), `width` / `height` the requested canvas; the image
+    file's format and quality are settings too (a JPEG's pixels depend on its quality)."""
 
     model: str  # model_fingerprint of the model directory
     sampler: str
@@ -46,11 +47,15 @@ class GenerationSettings:
     lambda_pg: float | None
     style_guidance: bool
     size: int | None
+    width: int | None
+    height: int | None
     placement: tuple[float, float, float] | None  # of a cut-out; None: the default
     dtype: str
     prompt: str | None  # None: the method's template
     negative_prompt: str
     seed: int
+    image_format: str = "png"
+    quality: int = 95
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

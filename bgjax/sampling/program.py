@@ -1,0 +1,214 @@
+"""The jitted program of generation: prompt encoding, the whole sampling loop (a `lax.scan` over the sampler's
+steps, classifier-free guidance) and the VAE decode, compiled once per shape; `run` feeds it batches sharded
+over the local devices.
+
+It knows nothing of files or photos: it takes the `Models`, their params, a `SamplingSettings` and the
+conditions at the working size (`Conditions`), and returns latents and images in [0, 1]. The host side
+(`bgjax.sampling.host`) makes the conditions and pastes the product back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bgjax.method.denoiser import Denoiser
+from bgjax.method.prompt_text import Prompt
+from bgjax.method.prompts import embed_with_identifiers
+from bgjax.models.region import Region
+from bgjax.sampling import memory
+from bgjax.sampling.schedulers import Sampler, make_sampler
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def traces() -> int:
+    """How often the sampling program has been traced in this process (a retrace detector)."""
+    return _TRACES["sample"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The modules of the jitted program: a static argument, hashable by value, so pipelines loaded
+    from the same model share compiled programs."""
+
+    denoiser: Denoiser
+    text_encoder: nn.Module
+    vae: nn.Module
+
+    @property
+    def vae_factor(self) -> int:
+        """How many pixels one latent position spans along each axis."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How the program samples: the sampler and its step count (static: they shape the program), the
+    guidance scale and the branch scales (traced: changing them compiles nothing). A branch scale of None
+    means the branch does not run; `lambda_pg_uncond` is PG's scale in the unconditional pass (None: as in
+    the conditional one; 0 for style guidance)."""
+
+    sampler: str = "dpmpp_2m"
+    steps: int = 25
+    guidance: float = 7.5
+    lambda_cg: float | None = None
+    lambda_pg: float | None = None
+    lambda_pg_uncond: float | None = None
+
+    def scalars(self) -> list[np.float32]:
+        """guidance, lambda_cg, lambda_pg and PG's unconditional scale as the program's traced values."""
+        pg_uncond = self.lambda_pg if self.lambda_pg_uncond is None else self.lambda_pg_uncond
+        return [np.float32(v or 0.0) for v in (self.guidance, self.lambda_cg, self.lambda_pg, pg_uncond)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditions:
+    """One product's conditions at the working size (h, w): the prompts and the branches' images."""
+
+    prompt: Prompt
+    negative: Prompt
+    identifier_row: int  # the identifier table's row for the prompt (0 for a shared one)
+    mask: np.ndarray  # (h, w) float32 M
+    cg_cond: np.ndarray | None  # (h, w, C) the CG slot's image; None: CG does not run
+    pg_cond: np.ndarray | None  # (h, w, 3) c_pg; None: PG does not run
+
+    def prompt_arrays(self) -> dict[str, np.ndarray]:
+        """Row 0 the conditional, row 1 the unconditional prompt."""
+        arrays = {k: np.stack([getattr(self.prompt, k), getattr(self.negative, k)])
+                  for k in ("input_ids", "fg_tokens", "bg_tokens")}
+        arrays["identifier_index"] = np.array([self.prompt.identifier_index, -1], np.int32)
+        arrays["identifier_rows"] = np.array([self.identifier_row, 0], np.int32)
+        return arrays
+
+
+@functools.lru_cache(maxsize=32)
+def _sampler(name: str, scheduler_json: str, steps: int) -> Sampler:
+    # Samplers hash by identity: one object per setting keeps the jit cache warm across calls.
+    return make_sampler(name, json.loads(scheduler_json), steps)
+
+
+def encode_prompts(models: Models, params: dict, prompts: dict) -> jax.Array:
+    """Text-encoder hidden states (2, L, D) of the conditional and the unconditional prompt."""
+    text = {"params": params["text_encoder"]}
+    if params["identifiers"] is None:  # a base model: the placeholder stays an ordinary token
+        return models.text_encoder.apply(text, prompts["input_ids"])
+    table = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
+    embeds = embed_with_identifiers(table, prompts["input_ids"], prompts["identifier_index"], params["identifiers"],
+                                    prompts["identifier_rows"])
+    return models.text_encoder.apply(text, prompts["input_ids"], embeds)
+
+
+@functools.partial(jax.jit, static_argnames=("models", "sampler"))
+def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: jax.Array, indices: jax.Array,
+           latents: jax.Array | None, mask: jax.Array, cg_cond: jax.Array | None, pg_cond: jax.Array | None,
+           guidance: jax.Array, lambda_cg: jax.Array, lambda_pg: jax.Array,
+           lambda_pg_uncond: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(final latents (B, h/f, w/f, C), images (B, h, w, 3) in [0, 1]) for the images `indices` (B,) of `seed`,
+    or from `latents` (B, h/f, w/f, C) instead of the seeded noise; conditions are (B, h, w, ...). The prompts'
+    row 0 is the conditional, row 1 the unconditional (negative) prompt. PG's residuals are scaled by
+    `lambda_pg` in the conditional pass, by `lambda_pg_uncond` in the other."""
+    _TRACES["sample"] += 1  # runs only while tracing
+    vae_cfg, factor = models.vae.config, models.vae_factor
+    batch, height, width = mask.shape
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(jax.random.key(seed), i)))(indices)
+    init_keys, step_keys = keys[:, 0], keys[:, 1]
+    shape = (height // factor, width // factor, vae_cfg.latent_channels)
+    if latents is None:
+        latents = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
+    x = latents.astype(jnp.float32) * sampler.init_noise_sigma  # as diffusers' prepare_latents, given or drawn
+
+    # Each image's conditional and unconditional rows sit next to each other ((B, 2, ...) -> (2B, ...)),
+    # so the doubled batch stays on the image's device. The unconditional pass keeps the branch conditions
+    # (PG's at lambda_pg_uncond: 0 with style guidance).
+    def pair(a: jax.Array) -> jax.Array:
+        return jnp.stack([a, a], axis=1).reshape(2 * batch, *a.shape[1:])
+
+    def pair_prompts(a: jax.Array) -> jax.Array:  # (2, ...) cond / uncond -> (2B, ...)
+        return jnp.broadcast_to(a, (batch, *a.shape)).reshape(2 * batch, *a.shape[1:])
+
+    context = pair_prompts(encode_prompts(models, params, prompts))
+    region = Region(pair(mask), pair_prompts(prompts["fg_tokens"]), pair_prompts(prompts["bg_tokens"]))
+    cg2 = None if cg_cond is None else pair(cg_cond)
+    pg2 = None if pg_cond is None else pair(pg_cond)
+    pg_scales = pair_prompts(jnp.stack([lambda_pg, lambda_pg_uncond])).reshape(2 * batch, 1, 1, 1)
+
+    def step(carry, i):
+        x, state = carry
+        out = models.denoiser(params["denoiser"], pair(sampler.scale_model_input(x, i)), sampler.timestep(i), context,
+                              region, cg2, pg2, lambda_cg, pg_scales).reshape(batch, 2, *x.shape[1:])
+        eps = out[:, 1] + guidance * (out[:, 0] - out[:, 1])
+        noise = None
+        if sampler.name == "ddpm":
+            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(step_keys)
+        return sampler.step(state, eps, i, x, noise=noise), None
+
+    (x, _), _ = jax.lax.scan(step, (x, sampler.init_state(x)), jnp.arange(sampler.num_inference_steps))
+    images = models.vae.apply({"params": params["vae"]}, x / vae_cfg.scaling_factor + vae_cfg.shift_factor,
+                              method=models.vae.decode)
+    return x, (jnp.clip(images.astype(jnp.float32), -1, 1) + 1) / 2
+
+
+def _check_count(value, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"{what}: expected an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def run(models: Models, params: dict, mesh: Mesh, scheduler_config: dict, settings: SamplingSettings,
+        conditions: Conditions, num_images: int, seed: int, batch_size: int | None = None,
+        latents: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(final latents (N, h/f, w/f, C), images (N, h, w, 3) in [0, 1]) for images 0 .. `num_images` - 1 of
+    `seed` (or from `latents`, NHWC), `batch_size` at a time, each batch padded to and sharded over the mesh's
+    devices. Before the first batch the memory a batch needs is estimated (`memory.check`): a size that does
+    not fit is refused with a one-line `memory.OutOfMemory`, as is an allocation XLA fails."""
+    num_images, seed = _check_count(num_images, "num_images", 1), _check_count(seed, "seed", 0)
+    _check_count(settings.steps, "steps", 1)
+    if seed >= 2**32:
+        raise ValueError(f"seed: expected an int < 2**32, got {seed}")
+    batch_size = _check_count(num_images if batch_size is None else batch_size, "batch_size", 1)
+    factor, (height, width) = models.vae_factor, conditions.mask.shape
+    shape = (num_images, height // factor, width // factor, models.vae.config.latent_channels)
+    if latents is not None:
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != shape:
+            raise ValueError(f"latents: expected NHWC shape {shape} (num_images, height / {factor}, "
+                             f"width / {factor}, channels), got {latents.shape}")
+    sampler = _sampler(settings.sampler, json.dumps(scheduler_config, sort_keys=True), settings.steps)
+    prompts, scalars = conditions.prompt_arrays(), settings.scalars()
+    devices, batched = mesh.size, NamedSharding(mesh, P("data"))
+    per_device = -(-min(batch_size, num_images) // devices)
+    need = memory.check(models, per_device, height, width, mesh.devices.flat[0])
+
+    xs, images = [], []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        padded = -(-n // devices) * devices  # every device gets the same number of images; extras dropped
+
+        def put(a: np.ndarray | None, padded: int = padded) -> jax.Array | None:
+            return None if a is None else jax.device_put(np.broadcast_to(a, (padded, *a.shape)), batched)
+
+        given = None
+        if latents is not None:
+            chunk = latents[start:start + n]
+            given = jax.device_put(np.concatenate([chunk, np.zeros((padded - n, *shape[1:]), np.float32)]), batched)
+        indices = jax.device_put(np.arange(start, start + padded, dtype=np.int32), batched)
+        try:
+            x, out = sample(models, sampler, params, prompts, np.uint32(seed), indices, given, put(conditions.mask),
+                            put(conditions.cg_cond), put(conditions.pg_cond), *scalars)
+            xs.append(np.asarray(x)[:n])
+            images.append(np.asarray(out)[:n])
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise memory.OutOfMemory(need.message(mesh.devices.flat[0], "XLA ran out of memory")) from None
+    return np.concatenate(xs), np.concatenate(images)
