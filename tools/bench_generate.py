@@ -72,7 +72,8 @@ def main() -> None:
                         help="cg, cg+pg (with a reference), alone (image 0 alone against in the batch)")
     args = parser.parse_args()
     sizes = TINY if args.size == "tiny" else dict(unet=UNET, vae=VAE, clip=CLIP)
-    print(json.dumps({"devices": [d.device_kind for d in jax.local_devices()], "jax": jax.__version__}), flush=True)
+    print(json.dumps({"what": "device", "devices": [d.device_kind for d in jax.local_devices()],
+                      "jax": jax.__version__}), flush=True)
     t = time.perf_counter()
     pipe = random_pipeline(sizes, jnp.bfloat16)
     print(json.dumps({"what": "random model built", "s": round(time.perf_counter() - t, 1)}), flush=True)
