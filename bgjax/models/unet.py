@@ -1,4 +1,4 @@
-"""UNet2DConditionModel (SD-1.x / SD-2.x) in Flax linen, NHWC, with diffusers' param names.
+"""UNet2DConditionModel (SD-1.x / SD-2.x / SDXL) in Flax linen, NHWC, with diffusers' param names.
 
 The param tree mirrors diffusers' module tree with its dotted names (`down_blocks.0`,
 `attentions.1`, `to_out.0`), so conversion is a layout transpose per leaf.
@@ -7,11 +7,12 @@ The param tree mirrors diffusers' module tree with its dotted names (`down_block
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from bgjax.models.attention import Attention, Implementation
-from bgjax.models.configs import CROSS_ATTN_UP, UNetConfig
+from bgjax.models.configs import CROSS_ATTN_UP, TEXT_TIME, UNetConfig
 from bgjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -23,6 +24,38 @@ from bgjax.models.layers import (
     timestep_embedding,
 )
 from bgjax.models.region import Region, RegionMode, region_weights
+
+
+@flax.struct.dataclass
+class AddedCond:
+    """SDXL's added conditioning (diffusers' `added_cond_kwargs`): the pooled, projected embedding of
+    the second text encoder and the time ids (original h, w, crop top, left, target h, w) per example."""
+
+    text_embeds: jax.Array  # (B, pooled width)
+    time_ids: jax.Array  # (B, 6)
+
+
+def added_embedding(model: nn.Module, added: AddedCond | None, batch: int) -> jax.Array | None:
+    """`add_embedding(concat(text_embeds, sinusoids of the time ids))` of a "text_time" model, else None.
+
+    Called from inside `model`'s compact method, like `encode`."""
+    cfg = model.config
+    if cfg.addition_embed_type != TEXT_TIME:
+        if added is not None:
+            raise ValueError("added: this model has no added conditioning (addition_embed_type is not 'text_time')")
+        return None
+    if added is None:
+        raise ValueError("added: an SDXL-type model (addition_embed_type 'text_time') needs the pooled text "
+                         "embedding and the time ids (AddedCond)")
+    text, ids = jnp.asarray(added.text_embeds), jnp.asarray(added.time_ids)
+    width = text.shape[-1] + ids.shape[-1] * cfg.addition_time_embed_dim
+    if text.shape[0] != batch or ids.shape[0] != batch or width != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(f"added: text_embeds {text.shape} and time_ids {ids.shape} for a batch of {batch} give "
+                         f"{width} features; the model's add_embedding takes "
+                         f"{cfg.projection_class_embeddings_input_dim} (projection_class_embeddings_input_dim)")
+    times = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+    features = jnp.concatenate([text.astype(jnp.float32), times.reshape(batch, -1)], axis=-1)
+    return TimestepEmbedding(cfg.time_embed_dim, dtype=model.dtype, name="add_embedding")(features.astype(model.dtype))
 
 
 class FeedForward(nn.Module):
@@ -189,10 +222,10 @@ def check_latent_shape(cfg: UNetConfig, sample: jax.Array) -> None:
 
 
 def encode(model: nn.Module, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-           cond_embedding: jax.Array | None = None, region: Region | None = None) -> tuple[jax.Array, jax.Array,
-                                                                                          list[jax.Array]]:
-    """conv_in, time embedding, down blocks and mid block, shared by the UNet and ControlNet (`model`,
-    whose config, dtype, region mode and attention kernel they take).
+           cond_embedding: jax.Array | None = None, region: Region | None = None,
+           added: AddedCond | None = None) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """conv_in, time embedding (plus SDXL's added embedding), down blocks and mid block, shared by the UNet
+    and ControlNet (`model`, whose config, dtype, region mode and attention kernel they take).
 
     Must be called from inside `model`'s compact method: the submodules it creates belong to it, which is
     what gives both models the same top-level names as in diffusers.
@@ -203,6 +236,9 @@ def encode(model: nn.Module, sample: jax.Array, timesteps: jax.Array, context: j
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     temb = TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="time_embedding")(t.astype(dtype))
+    extra = added_embedding(model, added, sample.shape[0])
+    if extra is not None:
+        temb = temb + extra
     x = conv(cfg.block_out_channels[0], name="conv_in", dtype=dtype)(sample.astype(dtype))
     if cond_embedding is not None:
         x = x + cond_embedding
@@ -217,7 +253,8 @@ def encode(model: nn.Module, sample: jax.Array, timesteps: jax.Array, context: j
 
 
 class UNet2DConditionModel(nn.Module):
-    """Predicts noise (or v) for NHWC latents; takes ControlNet residuals for skips and mid block.
+    """Predicts noise (or v) for NHWC latents; takes ControlNet residuals for skips and mid block, and
+    for SDXL-type configs the added conditioning (`added`).
 
     `region_mode="mask_guided"` makes every cross-attention mask-guided when a `region` is given
     (the paper's CG attention applied in the UNet too; off by default).
@@ -237,10 +274,11 @@ class UNet2DConditionModel(nn.Module):
         down_block_additional_residuals: list[jax.Array] | None = None,
         mid_block_additional_residual: jax.Array | None = None,
         region: Region | None = None,
+        added: AddedCond | None = None,
     ) -> jax.Array:
         cfg, dtype = self.config, self.dtype
         context = encoder_hidden_states.astype(dtype)
-        x, temb, skips = encode(self, sample, timesteps, context, region=region)
+        x, temb, skips = encode(self, sample, timesteps, context, region=region, added=added)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"down_block_additional_residuals: expected {len(skips)} residuals, "
