@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
-from tests.torch_reference import CLIP_SD1_TINY, SD1_TINY, VAE_TINY, randomize
+from tests.torch_reference import (
+    CLIP_G_TINY,
+    CLIP_L_TINY,
+    CLIP_SD1_TINY,
+    SD1_TINY,
+    SDXL_TINY,
+    VAE_SDXL_TINY,
+    VAE_TINY,
+    randomize,
+)
 
 
 def tiny_torch_pipeline(seed: int = 0, controlnet: bool = True) -> dict[str, torch.nn.Module]:
@@ -35,6 +53,35 @@ def save_diffusers_folder(models: dict[str, torch.nn.Module], folder: Path) -> P
     return folder
 
 
+def tiny_sdxl_pipeline(seed: int = 0, controlnet: bool = True, unet: dict = SDXL_TINY, text: dict = CLIP_L_TINY,
+                       text_2: dict = CLIP_G_TINY) -> dict[str, torch.nn.Module]:
+    """An SDXL-structured UNet, SDXL VAE, CLIP-L and OpenCLIP-G (with projection) text encoders and a ControlNet
+    made from the UNet (`ControlNetModel.from_unet`, added embedding included), every tensor random."""
+    models = {"unet": randomize(UNet2DConditionModel(**unet), seed),
+              "vae": randomize(AutoencoderKL(**VAE_SDXL_TINY), seed + 1),
+              "text_encoder": randomize(CLIPTextModel(CLIPTextConfig(**text)), seed + 2),
+              "text_encoder_2": randomize(CLIPTextModelWithProjection(CLIPTextConfig(**text_2)), seed + 3)}
+    if controlnet:
+        models["controlnet"] = randomize(ControlNetModel.from_unet(
+            models["unet"], conditioning_embedding_out_channels=(8, 16)), seed + 4)
+    return models
+
+
+def save_sdxl_folder(models: dict[str, torch.nn.Module], folder: Path) -> Path:
+    """The folder `StableDiffusionXL(ControlNet)Pipeline.save_pretrained` writes, with byte-level tokenizers
+    (the second padding with "!", as SDXL's tokenizer_2 does) and SDXL base's scheduler."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizers = {name: CLIPTokenizer.from_pretrained(str(write_byte_tokenizer(folder / f".{name}", **pad)))
+                  for name, pad in (("tokenizer", {}), ("tokenizer_2", {"pad_token": "!"}))}
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLControlNetPipeline if "controlnet" in models else StableDiffusionXLPipeline
+    pipeline(**models, **tokenizers, scheduler=scheduler).save_pretrained(folder)
+    for name in tokenizers:
+        shutil.rmtree(folder / f".{name}")
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory) -> Path:
     """One persistent compilation cache for the session's `bgjax` commands and their subprocesses (not the
@@ -51,3 +98,13 @@ def tiny_models() -> dict[str, torch.nn.Module]:
 @pytest.fixture(scope="session")
 def tiny_diffusers_dir(tmp_path_factory, tiny_models) -> Path:
     return save_diffusers_folder(tiny_models, tmp_path_factory.mktemp("diffusers"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_models() -> dict[str, torch.nn.Module]:
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory, tiny_sdxl_models) -> Path:
+    return save_sdxl_folder(tiny_sdxl_models, tmp_path_factory.mktemp("sdxl") / "diffusers")

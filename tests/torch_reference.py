@@ -40,7 +40,9 @@ CLIP_SD2_TINY = dict(CLIP_SD1_TINY, hidden_act="gelu", num_hidden_layers=3)
 # the added embedding of the pooled text (G's projection, 24; SDXL: 1280) and 6 time ids (8 wide each; SDXL: 256).
 CLIP_L_TINY = dict(CLIP_SD1_TINY, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                    bos_token_id=0, eos_token_id=2, pad_token_id=1)
-CLIP_G_TINY = dict(CLIP_L_TINY, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=24)
+# 10 blocks: diffusers' single-file loader recognises SDXL base by the 10th block of the second encoder.
+CLIP_G_TINY = dict(CLIP_L_TINY, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=24,
+                   num_hidden_layers=10)
 SDXL_TINY = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 48, 64), layers_per_block=2,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

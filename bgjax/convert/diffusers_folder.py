@@ -16,16 +16,18 @@ from bgjax.convert.torch_layout import params_to_state_dict, state_dict_to_param
 from bgjax.fileio import CheckpointError, read_safetensors, write_json, write_safetensors
 from bgjax.method.config import MethodConfig
 from bgjax.method.store import load_method, save_method
-from bgjax.models.components import COMPONENTS, build, param_shapes
+from bgjax.models.components import COMPONENTS, TEXT_ENCODERS, build, param_shapes
 from bgjax.models.configs import ConfigError, read_config_json
 from bgjax.models.text_encoder import load_tokenizer
 
 REQUIRED = ("unet", "vae", "text_encoder")
-COPIED = ("tokenizer", "scheduler")
-# What a diffusers StableDiffusion(ControlNet)Pipeline loads; the paper's cg/ and pg/ load on their own.
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "controlnet")
+COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+# Each text encoder's tokenizer folder (SDXL has two).
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+# What a diffusers StableDiffusion(XL)(ControlNet)Pipeline loads; the paper's cg/ and pg/ load on their own.
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
 # Known non-weight entries, skipped with the reason recorded.
-IGNORED = {"text_encoder": {"text_model.embeddings.position_ids": "position-id buffer, recomputed"}}
+IGNORED = {kind: {"text_model.embeddings.position_ids": "position-id buffer, recomputed"} for kind in TEXT_ENCODERS}
 # What a bgjax export adds to a diffusers folder: the method settings and the identifiers.
 METHOD_FILE, IDENTIFIERS_DIR = "method.json", "textual_inversion"
 # Other top-level entries a diffusers pipeline folder may hold, and why they are not converted.
@@ -38,12 +40,13 @@ _VAE_DEPRECATED = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", 
 def canonical_state(kind: str, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Undo naming variants that diffusers / transformers still load.
 
-    transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; old diffusers
-    VAEs name their attention query/key/value/proj_attn and may store those as 1x1 convs.
+    transformers >= 5 saves CLIPTextModel without the `text_model.` prefix (CLIPTextModelWithProjection
+    keeps it beside `text_projection`); old diffusers VAEs name their attention query/key/value/proj_attn
+    and may store those as 1x1 convs.
     """
     out = {}
     for key, value in state.items():
-        if kind == "text_encoder" and not key.startswith("text_model."):
+        if kind in TEXT_ENCODERS and not key.startswith(("text_model.", "text_projection.")):
             key = "text_model." + key
         if kind == "vae" and ".attentions." in key:
             for old, new in _VAE_DEPRECATED.items():
@@ -105,12 +108,13 @@ def import_diffusers(src: Path, out: Path) -> Conversion:
         notes += [f"{p.relative_to(src)}: not used (another copy of {weights.relative_to(src)})"
                   for p in sorted((src / kind).iterdir()) if p != weights and _is_weights(p)]
     copy_folders(src, out)
-    if (src / "tokenizer").is_dir():
-        check_tokenizer(out / "tokenizer", read_config_json(out / "text_encoder" / "config.json"),
-                        str(src / "tokenizer"))
-    else:
-        notes.append(f"{src}: no tokenizer/; the model cannot encode prompts until one is copied to "
-                     f"{out / 'tokenizer'}")
+    for encoder in (k for k in TEXT_ENCODERS if k in kinds):
+        tokenizer = TOKENIZERS[encoder]
+        if (src / tokenizer).is_dir():
+            check_tokenizer(out / tokenizer, read_config_json(out / encoder / "config.json"), str(src / tokenizer))
+        else:
+            notes.append(f"{src}: no {tokenizer}/; the model cannot encode prompts until one is copied to "
+                         f"{out / tokenizer}")
     if (src / "model_index.json").is_file():
         shutil.copyfile(src / "model_index.json", out / "model_index.json")
     if (src / METHOD_FILE).is_file():
@@ -180,15 +184,21 @@ def export_diffusers(model: Path, out: Path) -> list[str]:
 
 
 def pipeline_index(model: Path, kinds: list[str]) -> dict:
-    """A model_index.json for StableDiffusion(ControlNet)Pipeline."""
-    index = {"_class_name": "StableDiffusionControlNetPipeline" if "controlnet" in kinds
-             else "StableDiffusionPipeline", "requires_safety_checker": False,
-             "safety_checker": [None, None], "feature_extractor": [None, None]}
+    """A model_index.json for StableDiffusion(XL)(ControlNet)Pipeline."""
+    xl = "text_encoder_2" in kinds
+    name = "StableDiffusionXL" if xl else "StableDiffusion"
+    index = {"_class_name": f"{name}ControlNetPipeline" if "controlnet" in kinds else f"{name}Pipeline",
+             "feature_extractor": [None, None]}
+    if xl:  # what StableDiffusionXLPipeline.save_pretrained writes for SDXL base
+        index.update(image_encoder=[None, None], force_zeros_for_empty_prompt=True)
+    else:
+        index.update(requires_safety_checker=False, safety_checker=[None, None])
     for kind in (k for k in kinds if k in PIPELINE_COMPONENTS):
-        library = "transformers" if kind == "text_encoder" else "diffusers"
+        library = "transformers" if kind in TEXT_ENCODERS else "diffusers"
         index[kind] = [library, COMPONENTS[kind].diffusers_class]
-    if (model / "tokenizer").is_dir():
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    for tokenizer in TOKENIZERS.values():
+        if (model / tokenizer).is_dir():
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
     if (model / "scheduler" / "scheduler_config.json").is_file():
         scheduler = read_config_json(model / "scheduler" / "scheduler_config.json")
         index["scheduler"] = ["diffusers", scheduler.get("_class_name", "DDIMScheduler")]
