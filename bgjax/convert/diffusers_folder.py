@@ -15,7 +15,7 @@ from bgjax.convert.checkpoint_io import find_weights, read_weights
 from bgjax.convert.torch_layout import params_to_state_dict, state_dict_to_params
 from bgjax.fileio import CheckpointError, read_safetensors, write_json, write_safetensors
 from bgjax.method.config import MethodConfig
-from bgjax.method.store import load_method, save_method
+from bgjax.method.store import load_identifier_tables, load_method, save_method
 from bgjax.models.components import COMPONENTS, TEXT_ENCODERS, build, param_shapes
 from bgjax.models.configs import ConfigError, read_config_json
 from bgjax.models.text_encoder import load_tokenizer
@@ -34,6 +34,8 @@ METHOD_FILE, IDENTIFIERS_DIR = "method.json", "textual_inversion"
 UNUSED = {"safety_checker": "bgjax has no safety checker", "feature_extractor": "only the safety checker uses it",
           "image_encoder": "IP-Adapter image encoder, not part of this model", "README.md": "documentation",
           ".gitattributes": "git metadata"}
+# diffusers' SDXL textual-inversion layout: one embedding per text encoder.
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
 _VAE_DEPRECATED = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
@@ -148,9 +150,7 @@ def import_method(src: Path, out: Path) -> None:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{src / METHOD_FILE}: {e}") from None
     tokens = identifier_tokens(categories, config.identifiers == "shared")
-    rows = {}
-    for path in sorted((src / IDENTIFIERS_DIR).glob("*.safetensors")):
-        rows.update(read_safetensors(path))
+    rows, rows_2 = _identifier_rows(src / IDENTIFIERS_DIR)
     missing = [t for t in tokens if t not in rows]
     if missing:
         raise CheckpointError(f"{src / IDENTIFIERS_DIR}: no embedding for the identifier token(s) "
@@ -159,7 +159,26 @@ def import_method(src: Path, out: Path) -> None:
     if extra:
         raise CheckpointError(f"{src / IDENTIFIERS_DIR}: token(s) {', '.join(extra)} are not the identifiers of "
                               f"the categories in {src / METHOD_FILE}")
-    save_method(out, config, categories, np.stack([rows[t] for t in tokens]))
+    save_method(out, config, categories, np.stack([rows[t] for t in tokens]),
+                np.stack([rows_2[t] for t in tokens]) if rows_2 else None)
+
+
+def _identifier_rows(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The exported rows by token: SD's files hold {token: row}; SDXL's {"clip_l": (1, d), "clip_g": (1, d2)},
+    their token named by the export's tokens.json (file i holds token i)."""
+    rows, rows_2 = {}, {}
+    files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        entry = read_safetensors(path)
+        if set(entry) != set(SDXL_EMBEDDING_KEYS):
+            rows.update(entry)
+            continue
+        names = read_config_json(folder / "tokens.json").get("tokens", [])
+        if len(names) != len(files):
+            raise CheckpointError(f"{folder / 'tokens.json'}: {len(names)} tokens for {len(files)} embedding files")
+        token = names[files.index(path)]
+        rows[token], rows_2[token] = (entry[k].reshape(-1) for k in SDXL_EMBEDDING_KEYS)
+    return rows, rows_2
 
 
 def export_diffusers(model: Path, out: Path) -> list[str]:
@@ -211,10 +230,18 @@ def identifier_tokens(categories: list[str], shared: bool) -> list[str]:
 
 
 def export_identifiers(model: Path, out: Path) -> list[str]:
-    """One diffusers textual-inversion file per identifier token (diffusers loads one token per file)."""
-    config, categories, table = load_method(model)
+    """One diffusers textual-inversion file per identifier token (diffusers loads one token per file): SD's
+    {token: row}; SDXL's {"clip_l": row, "clip_g": row_2}, each (1, width), the token given when loading
+    (`tokens.json` lists them: file i holds token i)."""
+    config, categories, _ = load_method(model)
+    tables = load_identifier_tables(model)
     tokens = identifier_tokens(categories, config.identifiers == "shared")
-    for i, (token, row) in enumerate(zip(tokens, table, strict=True)):
-        write_safetensors(out / f"{i:04d}.safetensors", {token: row}, metadata={"format": "pt"})
+    for i, token in enumerate(tokens):
+        if "identifiers_2" in tables:
+            entry = dict(zip(SDXL_EMBEDDING_KEYS, (tables["identifiers"][i][None], tables["identifiers_2"][i][None]),
+                             strict=True))
+        else:
+            entry = {token: tables["identifiers"][i]}
+        write_safetensors(out / f"{i:04d}.safetensors", entry, metadata={"format": "pt"})
     write_json(out / "tokens.json", {"tokens": tokens, "categories": categories})
     return tokens

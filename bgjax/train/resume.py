@@ -42,6 +42,20 @@ def check_latent_cache(manifest: dict, config, data_dir) -> None:
                           f"{latents['resolution']}")
 
 
+def check_latent_vae(manifest: dict, vae_config, data_dir) -> None:
+    """A latent cache holds one VAE's latents: the model trained on them must scale them as that VAE does
+    (SD's 0.18215 and SDXL's 0.13025 VAEs do not mix)."""
+    latents = manifest.get("latents")
+    if not latents:
+        return
+    cached = (latents.get("scaling_factor"), latents.get("shift_factor"))
+    if cached != (vae_config.scaling_factor, vae_config.shift_factor):
+        raise ConfigError(f"{data_dir}: the latent cache was encoded by a VAE with scaling_factor {cached[0]} and "
+                          f"shift_factor {cached[1]} ({latents.get('vae')}), but the model's VAE has "
+                          f"{vae_config.scaling_factor} and {vae_config.shift_factor}; cache the data again with "
+                          f"this model's VAE")
+
+
 def _flat(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
