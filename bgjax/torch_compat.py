@@ -9,7 +9,9 @@ Import this only where PyTorch and diffusers are installed (bgjax never imports 
 
 Tensors are diffusers' NCHW; masks are (B, H, W) at any resolution (usually the image's),
 token sets (B, L) with 1 on the tokens of P_fg / P_bg. The identifiers export as diffusers
-textual-inversion files, one token per file: `pipe.load_textual_inversion(...)`.
+textual-inversion files, one token per file: `pipe.load_textual_inversion(...)` (SDXL's files hold
+`clip_l` and `clip_g`, loaded into each encoder as diffusers documents). SDXL models take
+`added_cond_kwargs={"text_embeds": ..., "time_ids": ...}` as diffusers' UNet does.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class BackgroundDenoiser(torch.nn.Module):
             install(unet, MaskGuidedAttnProcessor())
 
     def forward(self, latents, timesteps, context, product_mask, fg_tokens, bg_tokens, cg_cond=None, pg_cond=None,
-                lambda_cg: float = 1.0, lambda_pg: float = 1.0):
+                lambda_cg: float = 1.0, lambda_pg: float = 1.0, added_cond_kwargs: dict | None = None):
         region = {"mask": product_mask, "fg_tokens": fg_tokens, "bg_tokens": bg_tokens,
                   "latent_hw": tuple(latents.shape[-2:])}
         kwargs = {"region": region}
@@ -107,12 +109,12 @@ class BackgroundDenoiser(torch.nn.Module):
             if branch is None or cond is None:
                 continue
             d, m = branch(latents, timesteps, context, controlnet_cond=cond, conditioning_scale=scale,
-                          cross_attention_kwargs=kwargs, return_dict=False)
+                          cross_attention_kwargs=kwargs, added_cond_kwargs=added_cond_kwargs, return_dict=False)
             if branch is self.pg and self.pg_mask_residuals:
                 d, m = [_background_only(r, region) for r in d], _background_only(m, region)
             down = list(d) if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         return self.unet(latents, timesteps, context, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid,
+                         mid_block_additional_residual=mid, added_cond_kwargs=added_cond_kwargs,
                          cross_attention_kwargs=kwargs if self.mask_guided_unet else None).sample
 

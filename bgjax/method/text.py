@@ -5,6 +5,11 @@ encode_prompt` without clip skip): E is both encoders' penultimate hidden states
 concatenated feature-wise, (B, 77, 768 + 1280), and the pooled embedding is the second encoder's projected
 EOS state (`text_embeds`). A per-category identifier e_c has one row in each encoder's table
 (`identifiers`, `identifiers_2`), written at the same token position in both.
+
+Where the pooled state is read with an identifier in the prompt: diffusers gives an exported identifier a
+token id past the vocabulary, and SDXL's configs (eos_token_id 2) pool at the largest id, so there it pools at
+the identifier, not at EOS. bgjax marks the identifier's position with such an id too, so a model trains on
+the pooled embedding diffusers will compute for it.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ class TextEncoders:
                 table = params[kind]["text_model"]["embeddings.token_embedding"]["embedding"]
                 embeds = embed_with_identifiers(table, ids, prompts["identifier_index"], params[IDENTIFIERS[kind]],
                                                 prompts["identifier_row"])
+                # the id diffusers gives the exported token: past the vocabulary (ids only pool once embedded)
+                at = jnp.arange(ids.shape[1])[None] == prompts["identifier_index"][:, None]
+                ids = jnp.where(at, module.config.vocab_size, ids)
             out = module.apply({"params": params[kind]}, ids, embeds, method=module.encode)
             if not self.sdxl:
                 return TextConditioning(out.last_hidden_state)

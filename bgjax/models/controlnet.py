@@ -43,6 +43,7 @@ class ControlNetModel(nn.Module):
     region_mode: RegionMode = "none"
     mask_residuals: bool = False
     attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
+    remat: bool = False  # gradient checkpointing, as the UNet's
 
     @nn.compact
     def __call__(

@@ -108,6 +108,7 @@ class Transformer2DModel(nn.Module):
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
     attention: Implementation = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, region: Region | None = None) -> jax.Array:
@@ -119,10 +120,10 @@ class Transformer2DModel(nn.Module):
             y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:
             y = conv(inner, 1, padding=0, name="proj_in", dtype=self.dtype)(y).reshape(b, h * w, inner)
+        block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
         for i in range(self.depth):
-            y = BasicTransformerBlock(self.heads, self.dim_head, self.only_cross_attention, self.region_mode,
-                                      dtype=self.dtype, attention=self.attention,
-                                      name=f"transformer_blocks.{i}")(y, context, region, m_r)
+            y = block(self.heads, self.dim_head, self.only_cross_attention, self.region_mode, dtype=self.dtype,
+                      attention=self.attention, name=f"transformer_blocks.{i}")(y, context, region, m_r)
         if self.use_linear_projection:
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
@@ -137,11 +138,14 @@ def _transformer(block: nn.Module, level: int, name: str) -> Transformer2DModel:
     return Transformer2DModel(heads, channels // heads, cfg.transformer_layers_per_block[level],
                               cfg.use_linear_projection, cfg.only_cross_attention[level],
                               cfg.norm_num_groups, block.region_mode, dtype=block.dtype, attention=block.attention,
-                              name=name)
+                              remat=block.remat, name=name)
 
 
-def _resnet(cfg: UNetConfig, channels: int, dtype: jnp.dtype, name: str) -> ResnetBlock2D:
-    return ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dtype=dtype, name=name)
+def _resnet(block: nn.Module, channels: int, name: str) -> ResnetBlock2D:
+    """A resnet of `block`'s config and dtype, recomputed in the backward pass when `block.remat`."""
+    cfg = block.config
+    cls = nn.remat(ResnetBlock2D) if block.remat else ResnetBlock2D
+    return cls(channels, cfg.norm_num_groups, cfg.norm_eps, dtype=block.dtype, name=name)
 
 
 class DownBlock2D(nn.Module):
@@ -152,6 +156,7 @@ class DownBlock2D(nn.Module):
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
     attention: Implementation = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array,
@@ -159,7 +164,7 @@ class DownBlock2D(nn.Module):
         cfg, level = self.config, self.level
         channels, skips = cfg.block_out_channels[level], []
         for i in range(cfg.layers_per_block):
-            x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
+            x = _resnet(self, channels, f"resnets.{i}")(x, temb)
             if cfg.has_cross_attention(level):
                 x = _transformer(self, level, f"attentions.{i}")(x, context, region)
             skips.append(x)
@@ -174,14 +179,15 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
     attention: Implementation = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, region: Region | None = None) -> jax.Array:
         cfg, channels = self.config, self.config.block_out_channels[-1]
-        x = _resnet(cfg, channels, self.dtype, "resnets.0")(x, temb)
+        x = _resnet(self, channels, "resnets.0")(x, temb)
         level = len(cfg.block_out_channels) - 1
         x = _transformer(self, level, "attentions.0")(x, context, region)
-        return _resnet(cfg, channels, self.dtype, "resnets.1")(x, temb)
+        return _resnet(self, channels, "resnets.1")(x, temb)
 
 
 class UpBlock2D(nn.Module):
@@ -195,6 +201,7 @@ class UpBlock2D(nn.Module):
     region_mode: RegionMode = "none"
     dtype: jnp.dtype = jnp.float32
     attention: Implementation = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
@@ -204,7 +211,7 @@ class UpBlock2D(nn.Module):
         channels = cfg.block_out_channels[level]
         for i, skip in enumerate(reversed(skips)):
             x = jnp.concatenate([x, skip], axis=-1)
-            x = _resnet(cfg, channels, self.dtype, f"resnets.{i}")(x, temb)
+            x = _resnet(self, channels, f"resnets.{i}")(x, temb)
             if cfg.up_block_types[self.index] == CROSS_ATTN_UP:
                 x = _transformer(self, level, f"attentions.{i}")(x, context, region)
         if level > 0:
@@ -232,6 +239,7 @@ def encode(model: nn.Module, sample: jax.Array, timesteps: jax.Array, context: j
     Returns the mid-block output, the time embedding and the skip connections.
     """
     cfg, dtype, region_mode, attention = model.config, model.dtype, model.region_mode, model.attention
+    remat = model.remat
     check_latent_shape(cfg, sample)
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -244,10 +252,10 @@ def encode(model: nn.Module, sample: jax.Array, timesteps: jax.Array, context: j
         x = x + cond_embedding
     skips = [x]
     for level in range(len(cfg.block_out_channels)):
-        x, level_skips = DownBlock2D(cfg, level, region_mode, dtype=dtype, attention=attention,
+        x, level_skips = DownBlock2D(cfg, level, region_mode, dtype=dtype, attention=attention, remat=remat,
                                      name=f"down_blocks.{level}")(x, temb, context, region)
         skips += level_skips
-    x = UNetMidBlock2DCrossAttn(cfg, region_mode, dtype=dtype, attention=attention, name="mid_block")(
+    x = UNetMidBlock2DCrossAttn(cfg, region_mode, dtype=dtype, attention=attention, remat=remat, name="mid_block")(
         x, temb, context, region)
     return x, temb, skips
 
@@ -264,6 +272,9 @@ class UNet2DConditionModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     region_mode: RegionMode = "none"
     attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
+    # Recompute each resnet's and transformer block's activations in the backward pass instead of keeping
+    # them (gradient checkpointing): training at SDXL's 1024 px fits far less memory, for one more forward.
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -288,8 +299,8 @@ class UNet2DConditionModel(nn.Module):
             x = x + mid_block_additional_residual.astype(dtype)
         n = cfg.layers_per_block + 1
         for i in range(len(cfg.block_out_channels)):
-            x = UpBlock2D(cfg, i, self.region_mode, dtype=dtype, attention=self.attention, name=f"up_blocks.{i}")(
-                x, skips[-n:], temb, context, region)
+            x = UpBlock2D(cfg, i, self.region_mode, dtype=dtype, attention=self.attention, remat=self.remat,
+                          name=f"up_blocks.{i}")(x, skips[-n:], temb, context, region)
             skips = skips[:-n]
         # The head runs in fp32: 4 output channels cost nothing, and the sampler sees no bf16 rounding.
         x = group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x)

@@ -53,7 +53,8 @@ def time_ids(batch: dict) -> jax.Array:
     """SDXL's time ids per example: original (h, w), crop (top, left), target (h, w) = the training crop's size."""
     if "crop_top_left" not in batch:
         raise ValueError("the batch has no crop geometry (original_size, crop_top_left) for SDXL's time ids: a "
-                         "latent cache written before bgjax kept it; cache the data again (`bgjax data latents`)")
+                         "latent cache written before bgjax kept it; cache the data again "
+                         "(bgjax.data.latents.cache_latents)")
     target = jnp.broadcast_to(jnp.asarray(batch["image"].shape[1:3]), batch["crop_top_left"].shape)
     return jnp.concatenate([batch["original_size"], batch["crop_top_left"], target], axis=-1).astype(jnp.float32)
 

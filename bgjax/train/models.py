@@ -58,6 +58,7 @@ TRAINED = {name: s.trains for name, s in STAGES.items()}
 # config.init gives it); its tokenizer folder beside the first's.
 TEXT_2 = "text_encoder_2"
 TOKENIZER_DIRS = {"text_encoder": "tokenizer", TEXT_2: "tokenizer_2"}
+REMAT_KINDS = ("unet", "cg", "pg")
 # What diffusers' SDXL pipelines do when the negative prompt is empty, unless model_index.json says otherwise.
 SDXL_ZEROS_FOR_EMPTY_PROMPT = True
 
@@ -151,11 +152,14 @@ class _Sources:
     dtype: jnp.dtype
     key: jax.Array
     attention: str = "auto"  # the attention kernel (bgjax.models.attention)
+    remat: bool = False  # gradient checkpointing in the UNet and the branches
     shapes_only: bool = False  # a resume restores the trained params: new ones are only ShapeDtypeStructs
 
     def options(self, kind: str) -> dict:
-        """`components.build`'s module fields for `kind`: the method's and the attention kernel."""
-        return {**self.method.module_options(kind), "attention": self.attention}
+        """`components.build`'s module fields for `kind`: the method's, the attention kernel and, for the UNet
+        and the branches, gradient checkpointing."""
+        remat = {"remat": self.remat} if kind in REMAT_KINDS else {}
+        return {**self.method.module_options(kind), "attention": self.attention, **remat}
 
     def where(self, kind: str) -> str:
         return f"{self.base} has no {kind}/" if self.base else "no base model (config.model) is given"
@@ -253,7 +257,7 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
     present = tuple(model_dir.components(base)) if base else ()
     method = stage_method(config.stage, config.method.to_dict(), base)
     src = _Sources(config.stage, base, present, config.init.to_dict(), method, dtype, jax.random.key(config.seed),
-                   config.attention, shapes_only)
+                   config.attention, config.remat, shapes_only)
     built = {}
     for i, kind in enumerate(stage.needs):
         built[kind] = _component(kind, src, built, i)

@@ -19,10 +19,11 @@ from bgjax.models.configs import ConfigError
 _log = logging.getLogger("bgjax.train")
 
 # Fields (or groups, by prefix) a resume may change. data.dir may move: the fingerprint checks the
-# records. mesh and accum_steps lay the same batch out differently (same losses to rounding).
+# records. mesh and accum_steps lay the same batch out differently, remat recomputes what it would keep
+# (same losses to rounding).
 HARMLESS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps",
             "num_samples", "peak_tflops", "export_weights", "resume_force", "data.dir", "data.workers",
-            "data.synthetic_num", "data.synthetic_size", "mesh", "optim.accum_steps")
+            "data.synthetic_num", "data.synthetic_size", "mesh", "optim.accum_steps", "remat")
 
 
 def data_fingerprint(manifest: dict) -> str:
