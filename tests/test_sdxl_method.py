@@ -150,11 +150,12 @@ def test_import_of_the_export_restores_both_tables(exported, tmp_path):
     shutil.rmtree(tmp_path / "again")
 
 
-@pytest.mark.parametrize(("mask_guided_unet", "pg_mask_residuals"), [(False, False), (True, True)],
-                         ids=["paper-default", "unet-guided+pg-residuals"])
-def test_exported_branches_match_bgjax_in_diffusers(exported, mask_guided_unet, pg_mask_residuals):
-    """UNet + CG (mask-guided cross-attention over the 80-wide concatenated context) + PG with SDXL's added
-    conditioning: bgjax's Denoiser and diffusers' models from the export with bgjax.torch_compat agree."""
+def test_exported_branches_match_bgjax_in_diffusers(exported):
+    """UNet + CG + PG with SDXL's added conditioning, mask-guided cross-attention over the 80-wide concatenated
+    context in CG and (`mask_guided_unet`) the UNet, PG's outputs and (`pg_mask_residuals`) residuals masked:
+    bgjax's Denoiser and diffusers' models from the export with bgjax.torch_compat agree. (The two settings'
+    other values are SD's paths, tests/test_method_export.py.)"""
+    mask_guided_unet = pg_mask_residuals = True
     model, out = exported / "model", exported / "out"
     config, categories, table = load_method(model)
     save_method(model, MethodConfig(mask_guided_unet=mask_guided_unet, pg_mask_residuals=pg_mask_residuals),

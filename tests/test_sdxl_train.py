@@ -24,12 +24,14 @@ from bgjax.method.config import MethodConfig
 from bgjax.method.prompts import PromptBuilder
 from bgjax.method.store import load_identifier_tables
 from bgjax.models.components import build, init_params, param_shapes
+from bgjax.models.configs import ConfigError, VAEConfig
 from bgjax.models.layers import ResnetBlock2D
 from bgjax.models.text_encoder import load_tokenizer
 from bgjax.models.unet import AddedCond, Transformer2DModel
 from bgjax.train.config_file import load_config
 from bgjax.train.losses import diffusion_loss, time_ids
 from bgjax.train.models import load_stage
+from bgjax.train.resume import check_latent_vae
 from tests.test_sdxl_parity import sdxl_inputs
 from tests.torch_reference import SDXL_TINY, nhwc, rel_err
 
@@ -183,3 +185,14 @@ def test_cg_training_on_an_sdxl_base_lowers_the_loss_and_exports(base, data_dir,
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
     assert len(list((tmp_path / "out" / "textual_inversion").glob("0*.safetensors"))) == len(categories)
     assert pipe.tokenizer_2 is not None
+
+
+def test_sample_grids_and_other_vaes_latents_are_refused(base, data_dir, tmp_path, capsys):
+    assert main(["train", "--config", "cg_sdxl_1024", "--workdir", str(tmp_path / "run"), f"--config.model={base}",
+                 f"--config.data.dir={data_dir}", *TINY, "--config.sample_every=5"]) == 2
+    assert "sample grids of SDXL models are not supported yet" in capsys.readouterr().err
+    sd_cache = {"latents": {"scaling_factor": 0.18215, "shift_factor": 0.0, "vae": "models/sd15"}}
+    with pytest.raises(ConfigError, match="scaling_factor 0.18215 .* the model's VAE has 0.13025"):
+        check_latent_vae(sd_cache, VAEConfig.from_dict(VAE_1024), tmp_path / "cache")
+    check_latent_vae({"latents": {**sd_cache["latents"], "scaling_factor": 0.13025}},
+                     VAEConfig.from_dict(VAE_1024), tmp_path / "cache")
