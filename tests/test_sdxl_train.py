@@ -23,6 +23,7 @@ from bgjax.data.pipeline import PipelineConfig, make_dataset
 from bgjax.method.config import MethodConfig
 from bgjax.method.prompts import PromptBuilder
 from bgjax.method.store import load_identifier_tables
+from bgjax.method.text import TextConditioning, zeros_for_empty_prompt
 from bgjax.models.components import build, init_params, param_shapes
 from bgjax.models.configs import ConfigError, VAEConfig
 from bgjax.models.layers import ResnetBlock2D
@@ -196,3 +197,14 @@ def test_sample_grids_and_other_vaes_latents_are_refused(base, data_dir, tmp_pat
         check_latent_vae(sd_cache, VAEConfig.from_dict(VAE_1024), tmp_path / "cache")
     check_latent_vae({"latents": {**sd_cache["latents"], "scaling_factor": 0.13025}},
                      VAEConfig.from_dict(VAE_1024), tmp_path / "cache")
+
+
+def test_dropped_prompts_are_zeros_where_the_pipeline_says(tmp_path):
+    """force_zeros_for_empty_prompt (model_index.json; diffusers' SDXL default when absent): a dropped prompt's
+    context and pooled embedding become zeros, the others are untouched."""
+    assert zeros_for_empty_prompt(tmp_path) and zeros_for_empty_prompt(None)
+    (tmp_path / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
+    assert not zeros_for_empty_prompt(tmp_path)
+    text = TextConditioning(jnp.ones((3, 77, 8)), jnp.full((3, 4), 2.0)).zeroed(jnp.array([True, False, True]))
+    np.testing.assert_array_equal(text.context[:, 0, 0], [0, 1, 0])
+    np.testing.assert_array_equal(text.pooled[:, 0], [0, 2, 0])

@@ -15,6 +15,7 @@ the pooled embedding diffusers will compute for it.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import flax.linen as nn
 import flax.struct
@@ -23,10 +24,21 @@ import jax.numpy as jnp
 
 from bgjax.method.prompts import embed_with_identifiers
 from bgjax.models.components import TEXT_ENCODERS
+from bgjax.models.configs import read_config_json
 
 # Per encoder: its params' key, its prompt ids' key and its identifier table's key.
 IDS = {"text_encoder": "input_ids", "text_encoder_2": "input_ids_2"}
 IDENTIFIERS = {"text_encoder": "identifiers", "text_encoder_2": "identifiers_2"}
+# What diffusers' SDXL pipelines do for an empty negative prompt, unless model_index.json says otherwise.
+SDXL_ZEROS_FOR_EMPTY_PROMPT = True
+
+
+def zeros_for_empty_prompt(model: Path | None) -> bool:
+    """An SDXL model's `force_zeros_for_empty_prompt`: its model_index.json's, else diffusers' default (True)."""
+    index = Path(model) / "model_index.json" if model else None
+    if index is None or not index.is_file():
+        return SDXL_ZEROS_FOR_EMPTY_PROMPT
+    return bool(read_config_json(index).get("force_zeros_for_empty_prompt", SDXL_ZEROS_FOR_EMPTY_PROMPT))
 
 
 @flax.struct.dataclass

@@ -31,7 +31,7 @@ from bgjax.method.config import MethodConfig, field_owner
 from bgjax.method.denoiser import Denoiser
 from bgjax.method.prompts import CategoryVocabulary, PromptBuilder, init_identifiers
 from bgjax.method.store import METHOD_FILE, load_identifier_tables, load_method, load_method_config, save_method
-from bgjax.method.text import IDENTIFIERS, TextEncoders
+from bgjax.method.text import IDENTIFIERS, TextEncoders, zeros_for_empty_prompt
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from bgjax.models.components import build, init_params
 from bgjax.models.configs import ConfigError, UNetConfig, read_config_json
@@ -59,8 +59,6 @@ TRAINED = {name: s.trains for name, s in STAGES.items()}
 TEXT_2 = "text_encoder_2"
 TOKENIZER_DIRS = {"text_encoder": "tokenizer", TEXT_2: "tokenizer_2"}
 REMAT_KINDS = ("unet", "cg", "pg")
-# What diffusers' SDXL pipelines do when the negative prompt is empty, unless model_index.json says otherwise.
-SDXL_ZEROS_FOR_EMPTY_PROMPT = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -291,14 +289,6 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
     return models, trained, frozen
 
 
-def zeros_for_empty_prompt(base: Path | None) -> bool:
-    """An SDXL model's `force_zeros_for_empty_prompt` (its model_index.json, else diffusers' default)."""
-    index = base / "model_index.json" if base else None
-    if index is None or not index.is_file():
-        return SDXL_ZEROS_FOR_EMPTY_PROMPT
-    return bool(read_config_json(index).get("force_zeros_for_empty_prompt", SDXL_ZEROS_FOR_EMPTY_PROMPT))
-
-
 def _link_or_copy(target: Path, link: Path, final: Path) -> None:
     """`link` -> `target`, relative to the model's final place `final` (a sibling of `link`'s folder),
     so the pair can move together; a copy when the target lies inside the installed package, which
@@ -346,8 +336,8 @@ def save_model(models: StageModels, config, params: dict, out: Path, source: str
             written.append(kind)
     for name, folder in models.tokenizer_dirs.items():
         shutil.copytree(folder, tmp / name)
-    if base is not None and (base / "model_index.json").is_file():  # the pipeline's settings (SDXL's zeros)
-        shutil.copyfile(base / "model_index.json", tmp / "model_index.json")
+    if models.text_encoder_2 is not None and base is not None and (base / "model_index.json").is_file():
+        shutil.copyfile(base / "model_index.json", tmp / "model_index.json")  # SDXL's force_zeros_for_empty_prompt
     if "scheduler" in models.configs:
         write_json(tmp / "scheduler" / "scheduler_config.json", models.configs["scheduler"])
     if "identifiers" in trained:
