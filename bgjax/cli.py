@@ -27,7 +27,8 @@ def _convert(args: argparse.Namespace) -> None:
             done = import_diffusers(src, out)
         else:
             done = import_single_file(src, out, config_dir=args.config, tokenizer=args.tokenizer,
-                                      prediction_type=args.prediction_type, allow_extra_keys=args.allow_extra_keys)
+                                      prediction_type=args.prediction_type, allow_extra_keys=args.allow_extra_keys,
+                                      tokenizer_2=args.tokenizer_2)
     for note in done.notes:
         print(f"note: {note}")
     print(f"wrote {', '.join(done.components)} to {args.out} (report: {Path(args.out) / 'conversion_report.json'})")
@@ -394,12 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
                 ".safetensors / .ckpt file (read without running pickled code), into a bgjax model directory "
                 "for `bgjax train --config.model=OUT` and `bgjax generate --model OUT`.",
                 ("bgjax convert stable-diffusion-v1-5/ --out models/sd15",
-                 "bgjax convert v1-5-pruned-emaonly.safetensors --out models/sd15"), _convert)
+                 "bgjax convert v1-5-pruned-emaonly.safetensors --out models/sd15",
+                 "bgjax convert sd_xl_base_1.0.safetensors --out models/sdxl --tokenizer sdxl/tokenizer "
+                 "--tokenizer-2 sdxl/tokenizer_2"), _convert)
     p.add_argument("src", help="a diffusers pipeline folder, or a .safetensors/.ckpt single-file checkpoint")
     p.add_argument("--out", required=True, help="the bgjax model directory to write")
-    p.add_argument("--config", help="single file only: a diffusers folder whose unet/vae/text_encoder "
-                                    "config.json to use instead of inferring them from the weights")
+    p.add_argument("--config", help="single file only: a diffusers folder whose unet/vae/text_encoder(_2) "
+                                    "config.json (and tokenizers, scheduler) to use instead of inferring them")
     p.add_argument("--tokenizer", help="single file only: a CLIP tokenizer folder to copy into the model")
+    p.add_argument("--tokenizer-2", help="single file only, SDXL: the second encoder's tokenizer folder")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                    help="single file only: what the UNet predicts (SD-2 768px models: v_prediction)")
     p.add_argument("--allow-extra-keys", action="store_true",

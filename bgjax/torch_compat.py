@@ -12,6 +12,9 @@ Import this where PyTorch and diffusers are installed; it needs no JAX (bgjax ne
 `DiffusionPipeline.from_pretrained("exported", trust_remote_code=True)` loads the same class: the export's
 model_index.json names it as diffusers names custom pipelines, ["bgjax_pipeline", "BackgroundTorchPipeline"],
 beside a two-line `bgjax_pipeline.py` that imports it from here. Tensors are diffusers' NCHW (bgjax: NHWC).
+The identifiers are diffusers textual-inversion files, one token per file (SDXL's hold `clip_l` and `clip_g`,
+loaded into each encoder as diffusers documents); SDXL models take `added_cond_kwargs={"text_embeds": ...,
+"time_ids": ...}` in `BackgroundDenoiser` as diffusers' UNet does (the pipeline itself is SD-1.x/2.x only).
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class BackgroundDenoiser(torch.nn.Module):
             install(unet, MaskGuidedAttnProcessor())
 
     def forward(self, latents, timesteps, context, product_mask, fg_tokens, bg_tokens, cg_cond=None, pg_cond=None,
-                lambda_cg: float = 1.0, lambda_pg: float = 1.0):
+                lambda_cg: float = 1.0, lambda_pg: float = 1.0, added_cond_kwargs: dict | None = None):
         region = {"mask": product_mask, "fg_tokens": fg_tokens, "bg_tokens": bg_tokens,
                   "latent_hw": tuple(latents.shape[-2:])}
         kwargs = {"region": region}
@@ -127,13 +130,13 @@ class BackgroundDenoiser(torch.nn.Module):
             if branch is None or cond is None:
                 continue
             d, m = branch(latents, timesteps, context, controlnet_cond=cond, conditioning_scale=scale,
-                          cross_attention_kwargs=kwargs, return_dict=False)
+                          cross_attention_kwargs=kwargs, added_cond_kwargs=added_cond_kwargs, return_dict=False)
             if branch is self.pg and self.pg_mask_residuals:
                 d, m = [_background_only(r, region) for r in d], _background_only(m, region)
             down = list(d) if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         return self.unet(latents, timesteps, context, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid,
+                         mid_block_additional_residual=mid, added_cond_kwargs=added_cond_kwargs,
                          cross_attention_kwargs=kwargs if self.mask_guided_unet else None).sample
 
 

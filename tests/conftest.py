@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from bgjax.convert.diffusers_folder import import_diffusers
 from bgjax.method.config import MethodConfig
 from bgjax.method.store import save_method
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
-from tests.torch_reference import CLIP_SD1_TINY, SD1_TINY, VAE_TINY, randomize
+from tests.torch_reference import (
+    CLIP_G_TINY,
+    CLIP_L_TINY,
+    CLIP_SD1_TINY,
+    SD1_TINY,
+    SDXL_TINY,
+    VAE_SDXL_TINY,
+    VAE_TINY,
+    randomize,
+)
 
 
 def tiny_torch_pipeline(seed: int = 0, controlnet: bool = True) -> dict[str, torch.nn.Module]:
@@ -36,6 +54,35 @@ def save_diffusers_folder(models: dict[str, torch.nn.Module], folder: Path) -> P
         model.save_pretrained(folder / name)
     write_byte_tokenizer(folder / "tokenizer")
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_config(folder / "scheduler")
+    return folder
+
+
+def tiny_sdxl_pipeline(seed: int = 0, controlnet: bool = True, unet: dict = SDXL_TINY, text: dict = CLIP_L_TINY,
+                       text_2: dict = CLIP_G_TINY) -> dict[str, torch.nn.Module]:
+    """An SDXL-structured UNet, SDXL VAE, CLIP-L and OpenCLIP-G (with projection) text encoders and a ControlNet
+    made from the UNet (`ControlNetModel.from_unet`, added embedding included), every tensor random."""
+    models = {"unet": randomize(UNet2DConditionModel(**unet), seed),
+              "vae": randomize(AutoencoderKL(**VAE_SDXL_TINY), seed + 1),
+              "text_encoder": randomize(CLIPTextModel(CLIPTextConfig(**text)), seed + 2),
+              "text_encoder_2": randomize(CLIPTextModelWithProjection(CLIPTextConfig(**text_2)), seed + 3)}
+    if controlnet:
+        models["controlnet"] = randomize(ControlNetModel.from_unet(
+            models["unet"], conditioning_embedding_out_channels=(8, 16)), seed + 4)
+    return models
+
+
+def save_sdxl_folder(models: dict[str, torch.nn.Module], folder: Path) -> Path:
+    """The folder `StableDiffusionXL(ControlNet)Pipeline.save_pretrained` writes, with byte-level tokenizers
+    (the second padding with "!", as SDXL's tokenizer_2 does) and SDXL base's scheduler."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizers = {name: CLIPTokenizer.from_pretrained(str(write_byte_tokenizer(folder / f".{name}", **pad)))
+                  for name, pad in (("tokenizer", {}), ("tokenizer_2", {"pad_token": "!"}))}
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLControlNetPipeline if "controlnet" in models else StableDiffusionXLPipeline
+    pipeline(**models, **tokenizers, scheduler=scheduler).save_pretrained(folder)
+    for name in tokenizers:
+        shutil.rmtree(folder / f".{name}")
     return folder
 
 
@@ -77,3 +124,13 @@ def method_model(tmp_path_factory) -> Path:
     table = np.random.default_rng(0).standard_normal((len(METHOD_CATEGORIES), 32)).astype(np.float32)
     save_method(root / "model", MethodConfig(), METHOD_CATEGORIES, table)
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_models() -> dict[str, torch.nn.Module]:
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory, tiny_sdxl_models) -> Path:
+    return save_sdxl_folder(tiny_sdxl_models, tmp_path_factory.mktemp("sdxl") / "diffusers")

@@ -21,36 +21,42 @@ from bgjax.method.store import (
     TORCH_PIPELINE,
     TORCH_PIPELINE_LOADER,
     identifier_tokens,
+    load_identifier_tables,
     load_method,
     save_method,
 )
-from bgjax.models.components import COMPONENTS, build, param_shapes
+from bgjax.models.components import COMPONENTS, TEXT_ENCODERS, build, param_shapes
 from bgjax.models.configs import ConfigError, read_config_json
 from bgjax.models.text_encoder import load_tokenizer
 
 REQUIRED = ("unet", "vae", "text_encoder")
-COPIED = ("tokenizer", "scheduler")
-# What a diffusers StableDiffusion(ControlNet)Pipeline loads; the paper's cg/ and pg/ load on their own.
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "controlnet")
+COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+# Each text encoder's tokenizer folder (SDXL has two).
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+# What a diffusers StableDiffusion(XL)(ControlNet)Pipeline loads; the paper's cg/ and pg/ load on their own.
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
 # Known non-weight entries, skipped with the reason recorded.
-IGNORED = {"text_encoder": {"text_model.embeddings.position_ids": "position-id buffer, recomputed"}}
+IGNORED = {kind: {"text_model.embeddings.position_ids": "position-id buffer, recomputed"} for kind in TEXT_ENCODERS}
 # Other top-level entries a diffusers pipeline folder may hold, and why they are not converted.
 UNUSED = {"safety_checker": "bgjax has no safety checker", "feature_extractor": "only the safety checker uses it",
           "image_encoder": "IP-Adapter image encoder, not part of this model", "README.md": "documentation",
           ".gitattributes": "git metadata",
           f"{TORCH_PIPELINE[0]}.py": "the loader of bgjax's PyTorch pipeline; `bgjax export` writes it again"}
+# diffusers' SDXL textual-inversion layout: one embedding per text encoder.
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
 _VAE_DEPRECATED = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
 def canonical_state(kind: str, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Undo naming variants that diffusers / transformers still load.
 
-    transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; old diffusers
-    VAEs name their attention query/key/value/proj_attn and may store those as 1x1 convs.
+    transformers >= 5 saves CLIPTextModel without the `text_model.` prefix (CLIPTextModelWithProjection
+    keeps it beside `text_projection`); old diffusers VAEs name their attention query/key/value/proj_attn
+    and may store those as 1x1 convs.
     """
     out = {}
     for key, value in state.items():
-        if kind == "text_encoder" and not key.startswith("text_model."):
+        if kind in TEXT_ENCODERS and not key.startswith(("text_model.", "text_projection.")):
             key = "text_model." + key
         if kind == "vae" and ".attentions." in key:
             for old, new in _VAE_DEPRECATED.items():
@@ -112,12 +118,13 @@ def import_diffusers(src: Path, out: Path) -> Conversion:
         notes += [f"{p.relative_to(src)}: not used (another copy of {weights.relative_to(src)})"
                   for p in sorted((src / kind).iterdir()) if p != weights and _is_weights(p)]
     copy_folders(src, out)
-    if (src / "tokenizer").is_dir():
-        check_tokenizer(out / "tokenizer", read_config_json(out / "text_encoder" / "config.json"),
-                        str(src / "tokenizer"))
-    else:
-        notes.append(f"{src}: no tokenizer/; the model cannot encode prompts until one is copied to "
-                     f"{out / 'tokenizer'}")
+    for encoder in (k for k in TEXT_ENCODERS if k in kinds):
+        tokenizer = TOKENIZERS[encoder]
+        if (src / tokenizer).is_dir():
+            check_tokenizer(out / tokenizer, read_config_json(out / encoder / "config.json"), str(src / tokenizer))
+        else:
+            notes.append(f"{src}: no {tokenizer}/; the model cannot encode prompts until one is copied to "
+                         f"{out / tokenizer}")
     method = None
     if (src / "model_index.json").is_file():
         shutil.copyfile(src / "model_index.json", out / "model_index.json")
@@ -154,9 +161,7 @@ def import_method(method: dict, src: Path, out: Path) -> None:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{src / 'model_index.json'}: method: {e}") from None
     tokens = identifier_tokens(categories, config.identifiers == "shared")
-    rows = {}
-    for path in sorted((src / IDENTIFIERS_DIR).glob("*.safetensors")):
-        rows.update(read_safetensors(path))
+    rows, rows_2 = _identifier_rows(src / IDENTIFIERS_DIR)
     missing = [t for t in tokens if t not in rows]
     if missing:
         raise CheckpointError(f"{src / IDENTIFIERS_DIR}: no embedding for the identifier token(s) "
@@ -165,7 +170,26 @@ def import_method(method: dict, src: Path, out: Path) -> None:
     if extra:
         raise CheckpointError(f"{src / IDENTIFIERS_DIR}: token(s) {', '.join(extra)} are not the identifiers of "
                               f"the categories in {src / 'model_index.json'}")
-    save_method(out, config, categories, np.stack([rows[t] for t in tokens]))
+    save_method(out, config, categories, np.stack([rows[t] for t in tokens]),
+                np.stack([rows_2[t] for t in tokens]) if rows_2 else None)
+
+
+def _identifier_rows(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The exported rows by token: SD's files hold {token: row}; SDXL's {"clip_l": (1, d), "clip_g": (1, d2)},
+    their token named by the export's tokens.json (file i holds token i)."""
+    rows, rows_2 = {}, {}
+    files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        entry = read_safetensors(path)
+        if set(entry) != set(SDXL_EMBEDDING_KEYS):
+            rows.update(entry)
+            continue
+        names = read_config_json(folder / "tokens.json").get("tokens", [])
+        if len(names) != len(files):
+            raise CheckpointError(f"{folder / 'tokens.json'}: {len(names)} tokens for {len(files)} embedding files")
+        token = names[files.index(path)]
+        rows[token], rows_2[token] = (entry[k].reshape(-1) for k in SDXL_EMBEDDING_KEYS)
+    return rows, rows_2
 
 
 def export_diffusers(model: Path, out: Path) -> list[str]:
@@ -187,22 +211,29 @@ def export_diffusers(model: Path, out: Path) -> list[str]:
         config, categories, _ = load_method(model)
         method = {**config.to_dict(), "categories": categories}
         export_identifiers(model, out / IDENTIFIERS_DIR)
-    if method is not None or {"cg", "pg"} & set(kinds):
+    if "text_encoder_2" not in kinds and (method is not None or {"cg", "pg"} & set(kinds)):
         index = torch_pipeline_index(model, kinds, method)
         atomic_write(out / f"{TORCH_PIPELINE[0]}.py", lambda tmp: Path(tmp).write_text(TORCH_PIPELINE_LOADER))
-    elif (model / "model_index.json").is_file():
-        index = read_config_json(model / "model_index.json")
-    else:
-        index = pipeline_index(model, kinds)
+    else:  # SDXL: StableDiffusionXLPipeline's folder (the PyTorch pipeline is SD-1.x/2.x only); diffusers ignores
+        # the method entry, `bgjax convert` restores the categories from it
+        index = (read_config_json(model / "model_index.json") if (model / "model_index.json").is_file()
+                 else pipeline_index(model, kinds))
+        if method is not None:
+            index["method"] = method
     write_json(out / "model_index.json", index)
     return kinds
 
 
 def pipeline_index(model: Path, kinds: list[str]) -> dict:
-    """A model_index.json for StableDiffusion(ControlNet)Pipeline."""
-    index = {"_class_name": "StableDiffusionControlNetPipeline" if "controlnet" in kinds
-             else "StableDiffusionPipeline", "requires_safety_checker": False,
-             "safety_checker": [None, None], "feature_extractor": [None, None]}
+    """A model_index.json for StableDiffusion(XL)(ControlNet)Pipeline."""
+    xl = "text_encoder_2" in kinds
+    name = "StableDiffusionXL" if xl else "StableDiffusion"
+    index = {"_class_name": f"{name}ControlNetPipeline" if "controlnet" in kinds else f"{name}Pipeline",
+             "feature_extractor": [None, None]}
+    if xl:  # what StableDiffusionXLPipeline.save_pretrained writes for SDXL base
+        index.update(image_encoder=[None, None], force_zeros_for_empty_prompt=True)
+    else:
+        index.update(requires_safety_checker=False, safety_checker=[None, None])
     return _components(index, model, [k for k in kinds if k in PIPELINE_COMPONENTS])
 
 
@@ -215,12 +246,13 @@ def torch_pipeline_index(model: Path, kinds: list[str], method: dict | None) -> 
 
 
 def _components(index: dict, model: Path, kinds: list[str]) -> dict:
-    """`index` with the [library, class] entries of the components `kinds`, the tokenizer and the scheduler."""
+    """`index` with the [library, class] entries of the components `kinds`, the tokenizers and the scheduler."""
     for kind in kinds:
-        library = "transformers" if kind == "text_encoder" else "diffusers"
+        library = "transformers" if kind in TEXT_ENCODERS else "diffusers"
         index[kind] = [library, COMPONENTS[kind].diffusers_class]
-    if (model / "tokenizer").is_dir():
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    for tokenizer in TOKENIZERS.values():
+        if (model / tokenizer).is_dir():
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
     if (model / "scheduler" / "scheduler_config.json").is_file():
         scheduler = read_config_json(model / "scheduler" / "scheduler_config.json")
         index["scheduler"] = ["diffusers", scheduler.get("_class_name", "DDIMScheduler")]
@@ -228,10 +260,18 @@ def _components(index: dict, model: Path, kinds: list[str]) -> dict:
 
 
 def export_identifiers(model: Path, out: Path) -> list[str]:
-    """One diffusers textual-inversion file per identifier token (diffusers loads one token per file)."""
-    config, categories, table = load_method(model)
+    """One diffusers textual-inversion file per identifier token (diffusers loads one token per file): SD's
+    {token: row}; SDXL's {"clip_l": row, "clip_g": row_2}, each (1, width), the token given when loading
+    (`tokens.json` lists them: file i holds token i)."""
+    config, categories, _ = load_method(model)
+    tables = load_identifier_tables(model)
     tokens = identifier_tokens(categories, config.identifiers == "shared")
-    for i, (token, row) in enumerate(zip(tokens, table, strict=True)):
-        write_safetensors(out / f"{i:04d}.safetensors", {token: row}, metadata={"format": "pt"})
+    for i, token in enumerate(tokens):
+        if "identifiers_2" in tables:
+            entry = dict(zip(SDXL_EMBEDDING_KEYS, (tables["identifiers"][i][None], tables["identifiers_2"][i][None]),
+                             strict=True))
+        else:
+            entry = {token: tables["identifiers"][i]}
+        write_safetensors(out / f"{i:04d}.safetensors", entry, metadata={"format": "pt"})
     write_json(out / "tokens.json", {"tokens": tokens, "categories": categories})
     return tokens

@@ -1,9 +1,10 @@
-"""Original single-file Stable Diffusion checkpoints (CompVis/LDM layout) <-> diffusers key space.
+"""Original single-file Stable Diffusion checkpoints (CompVis/LDM and SDXL's SGM layout) <-> diffusers key space.
 
 Works on dicts of numpy arrays only. The UNet and VAE key tables are built from the diffusers
-configs (block count, layers_per_block, which blocks have attention), so any SD-1.x / SD-2.x
-shaped model maps, not only SD-1.5. Every key is either mapped, reported as ignored with a
-reason, or rejected with a CheckpointError naming it.
+configs (block count, layers_per_block, which blocks have attention, SDXL's added embedding), so any
+SD-1.x / SD-2.x / SDXL shaped model maps, not only the released ones. The text encoders' layouts are
+`bgjax.convert.ldm_text`'s. Every key is either mapped, reported as ignored with a reason, or rejected
+with a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -15,17 +16,28 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from bgjax.convert.ldm_text import (
+    TEXT_PREFIXES,
+    Reader,
+    check_conditioner,
+    infer_text_config,
+    split_text,
+    sub_state,
+    text_kind,
+    text_layouts,
+    text_to_ldm,
+    unmappable,
+)
 from bgjax.fileio import CheckpointError
-from bgjax.models.configs import ConfigError, UNetConfig
+from bgjax.models.configs import SDXL_TIME_IDS, TEXT_TIME, ConfigError, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPEN_CLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 # The original ControlNet release bundles its ControlNet with SD under this prefix.
 CONTROL_PREFIX = "control_model."
-SD_PREFIXES = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX)
+SD_PREFIXES = (UNET_PREFIX, VAE_PREFIX, *TEXT_PREFIXES)
+SDXL_VAE_SCALING_FACTOR = 0.13025
 # Whole-file wrappers that training frameworks add (DDP's `module.`, a Lightning `model.`, a nested state_dict).
 WRAPPER_PREFIXES = ("state_dict.", "module.", "model.")
 
@@ -51,31 +63,13 @@ _TRANSFORMER_SUFFIX = re.compile(
     r"(norm|proj_in|proj_out)\.(weight|bias)"
     r"|transformer_blocks\.\d+\.(norm[123]|attn[12]\.to_out\.0|ff\.net\.0\.proj|ff\.net\.2)\.(weight|bias)"
     r"|transformer_blocks\.\d+\.attn[12]\.to_[qkv]\.(weight|bias)")
-_CLIP_SUFFIX = re.compile(
-    r"embeddings\.(token|position)_embedding\.weight"
-    r"|encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|layer_norm[12]|mlp\.fc[12])\.(weight|bias)"
-    r"|final_layer_norm\.(weight|bias)")
-_OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
-                  "positional_embedding": "embeddings.position_embedding.weight",
-                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
-_OPEN_CLIP_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _SCHEDULE_BUFFER = re.compile(
     r"betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|lvlb_weights|logvar")
-_NOT_WEIGHTS = {
-    "position_ids": "position-id buffer, recomputed",
-    "text_projection": "CLIP projection head, unused by Stable Diffusion",
-    "logit_scale": "CLIP contrastive temperature, unused by Stable Diffusion",
-    "attn_mask": "causal-mask buffer, recomputed",
-}
-
-
 @dataclasses.dataclass
 class LdmCheckpoint:
     """A split single-file checkpoint.
 
-    `components` maps 'unet' / 'vae' / 'text_encoder' / 'controlnet' (only those present) to
+    `components` maps 'unet' / 'vae' / 'text_encoder' / 'text_encoder_2' / 'controlnet' (those present) to
     diffusers / transformers state dicts; `configs` holds the configs the split used; `ignored`
     lists every input key that was not mapped, with the reason.
     """
@@ -83,7 +77,7 @@ class LdmCheckpoint:
     components: dict[str, dict[str, np.ndarray]]
     configs: dict[str, dict]
     ignored: list[tuple[str, str]]
-    text_encoder_kind: str | None  # "clip" (SD-1.x), "open_clip" (SD-2.x) or None
+    text_encoder_kind: str | None  # "clip" (SD-1.x), "open_clip" (SD-2.x), "sdxl" or None
 
 
 @dataclasses.dataclass
@@ -151,6 +145,9 @@ def _unet_keymap(config: Mapping) -> _KeyMap:
     m.add("input_blocks.0.0", "conv_in")
     m.add("out.0", "conv_norm_out")
     m.add("out.2", "conv_out")
+    if config.get("addition_embed_type") == TEXT_TIME:  # SDXL's added embedding
+        m.add("label_emb.0.0", "add_embedding.linear_1")
+        m.add("label_emb.0.2", "add_embedding.linear_2")
     idx = 1
     for b in range(n):
         for j in range(layers):
@@ -210,37 +207,7 @@ def _vae_keymap(config: Mapping) -> _KeyMap:
 # ---------------------------------------------------------------------------------------- inference
 
 
-def _sub(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-class _Reader:
-    """Shape look-ups under one LDM prefix that name the full key when it is missing."""
-
-    def __init__(self, state: Mapping[str, np.ndarray], prefix: str) -> None:
-        self.state, self.prefix = state, prefix
-
-    def __contains__(self, key: str) -> bool:
-        return self.prefix + key in self.state
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        if key not in self:
-            raise CheckpointError(f"cannot infer the model config: key {self.prefix + key!r} is missing")
-        return tuple(int(d) for d in self.state[self.prefix + key].shape)
-
-    def count(self, template: str) -> int:
-        """How many of template.format(0), template.format(1), ... are present, in a row."""
-        i = 0
-        while template.format(i) in self:
-            i += 1
-        return i
-
-    def first(self, suffix: str) -> np.ndarray | None:
-        found = (v for k, v in self.state.items() if k.startswith(self.prefix) and k.endswith(suffix))
-        return next(found, None)
-
-
-def _infer_unet(r: _Reader) -> dict:
+def _infer_unet(r: Reader) -> dict:
     # Only contiguous, complete modules shape the inferred layout, so a stray key is later
     # reported as unmappable by name instead of bending the layout around itself.
     blocks: list[list[int]] = [[]]
@@ -291,7 +258,7 @@ def _infer_unet(r: _Reader) -> dict:
     return config
 
 
-def _infer_vae(r: _Reader) -> dict:
+def _infer_vae(r: Reader) -> dict:
     n = r.count("encoder.down.{}.block.0.conv1.weight")
     lpb = r.count("encoder.down.0.block.{}.conv1.weight")
     if n == 0:
@@ -310,45 +277,6 @@ def _infer_vae(r: _Reader) -> dict:
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in r,
         "scaling_factor": 0.18215,
     }
-
-
-def _text_config(vocab_size: int, hidden: int, intermediate: int, layers: int, positions: int, act: str,
-                 projection_dim: int) -> dict:
-    return {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        # CLIP text towers use 64-channel heads (ViT-L/14: 12, OpenCLIP ViT-H: 16).
-        "num_attention_heads": max(1, hidden // 64),
-        "max_position_embeddings": positions,
-        "hidden_act": act,
-        "projection_dim": projection_dim,
-    }
-
-
-def _infer_clip(r: _Reader) -> dict:
-    vocab, hidden = r.shape("embeddings.token_embedding.weight")
-    # SD-2's OpenCLIP ViT-H (1024-d, GELU) lands in this layout too: diffusers' script writes a
-    # transformers-5 text encoder (no `text_model.` keys) as if it were SD-1's.
-    return _text_config(vocab, hidden, r.shape("encoder.layers.0.mlp.fc1.weight")[0],
-                        r.count("encoder.layers.{}.mlp.fc1.weight"),
-                        r.shape("embeddings.position_embedding.weight")[0],
-                        "gelu" if hidden >= 1024 else "quick_gelu", hidden)
-
-
-def _infer_open_clip(r: _Reader) -> dict:
-    vocab, hidden = r.shape("token_embedding.weight")
-    proj = r.first("text_projection")
-    # SD-2 conditions on the penultimate block. The original release stores the whole OpenCLIP tower
-    # (24 blocks, with its projection head), so one block is dropped; diffusers' own script writes
-    # the 23 blocks diffusers keeps and no projection, so all are kept.
-    blocks = r.count("transformer.resblocks.{}.mlp.c_fc.weight")
-    return _text_config(vocab, hidden, r.shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
-                        blocks - (proj is not None), r.shape("positional_embedding")[0], "gelu",
-                        int(proj.shape[1]) if proj is not None else hidden)
 
 
 def _controlnet_keymap(config: Mapping, hint_convs: int) -> _KeyMap:
@@ -372,7 +300,7 @@ def _controlnet_keymap(config: Mapping, hint_convs: int) -> _KeyMap:
 def _infer_controlnet(state: Mapping[str, np.ndarray], unet_config: Mapping) -> tuple[dict, int]:
     """The ControlNetModel config of a bundled `control_model.*` (its UNet part is the SD UNet's shape)
     and the number of convs in its hint block."""
-    r = _Reader(state, CONTROL_PREFIX)
+    r = Reader(state, CONTROL_PREFIX)
     convs = []
     while f"input_hint_block.{2 * len(convs)}.weight" in r:  # convs at even indices, SiLUs between
         convs.append(r.shape(f"input_hint_block.{2 * len(convs)}.weight"))
@@ -390,38 +318,50 @@ def _infer_controlnet(state: Mapping[str, np.ndarray], unet_config: Mapping) -> 
     return config, len(convs)
 
 
-def _text_kind(state: Mapping[str, np.ndarray]) -> str | None:
-    clip = any(k.startswith(CLIP_PREFIX) for k in state)
-    open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in state)
-    if clip and open_clip:
-        raise CheckpointError(f"checkpoint has both {CLIP_PREFIX!r} and {OPEN_CLIP_PREFIX!r} text encoders")
-    return "clip" if clip else "open_clip" if open_clip else None
-
-
 def _present(state: Mapping[str, np.ndarray]) -> list[str]:
     names = [name for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX))
              if any(k.startswith(prefix) for k in state)]
-    return names + ["text_encoder"] * (_text_kind(state) is not None)
+    return names + [layout.component for layout in text_layouts(state)]
+
+
+def _add_sdxl(configs: dict[str, dict], given: Mapping[str, dict], state: Mapping[str, np.ndarray]) -> None:
+    """What an SDXL file's shapes do not say, in the inferred configs: the added embedding's split into the
+    pooled text embedding (text_encoder_2's projection) and 6 time-id sinusoids, and the VAE's scaling factor."""
+    unet = None if "unet" in given else configs.get("unet")
+    if unet is not None and UNET_PREFIX + "label_emb.0.0.weight" in state:
+        width = int(state[UNET_PREFIX + "label_emb.0.0.weight"].shape[1])
+        times = width - int(configs["text_encoder_2"]["projection_dim"])
+        if times <= 0 or times % SDXL_TIME_IDS:
+            raise CheckpointError(f"cannot infer the unet config: {UNET_PREFIX}label_emb.0.0.weight takes {width} "
+                                  f"features, not the pooled text embedding plus {SDXL_TIME_IDS} time-id sinusoids")
+        unet.update(addition_embed_type=TEXT_TIME, addition_time_embed_dim=times // SDXL_TIME_IDS,
+                    projection_class_embeddings_input_dim=width)
+    if "vae" in configs and "vae" not in given:
+        configs["vae"]["scaling_factor"] = SDXL_VAE_SCALING_FACTOR
 
 
 def _infer(state: Mapping[str, np.ndarray], name: str) -> dict:
     if name == "unet":
-        return _infer_unet(_Reader(state, UNET_PREFIX))
+        return _infer_unet(Reader(state, UNET_PREFIX))
     if name == "vae":
-        return _infer_vae(_Reader(state, VAE_PREFIX))
-    if _text_kind(state) == "clip":
-        modern = any(k.startswith(CLIP_PREFIX + "text_model.") for k in state)
-        return _infer_clip(_Reader(state, CLIP_PREFIX + "text_model." * modern))
-    return _infer_open_clip(_Reader(state, OPEN_CLIP_PREFIX))
+        return _infer_vae(Reader(state, VAE_PREFIX))
+    return infer_text_config(state, next(t for t in text_layouts(state) if t.component == name))
+
+
+def _configs(state: Mapping[str, np.ndarray], given: Mapping[str, dict]) -> dict[str, dict]:
+    configs = {name: dict(given[name]) if name in given else _infer(state, name) for name in _present(state)}
+    if text_kind(state) == "sdxl":
+        _add_sdxl(configs, given, state)
+    return configs
 
 
 def infer_configs(state: Mapping[str, np.ndarray]) -> dict[str, dict]:
     """diffusers / transformers config dicts for the components present in an LDM checkpoint.
 
-    Head counts and norm group counts cannot be read from shapes; the SD-1 / SD-2 defaults
+    Head counts and norm group counts cannot be read from shapes; the SD-1 / SD-2 / SDXL defaults
     are used, so pass real configs to `split_ldm_checkpoint` for other models.
     """
-    return {name: _infer(state, name) for name in _present(state)}
+    return _configs(state, {})
 
 
 # ---------------------------------------------------------------------------------------- LDM -> diffusers
@@ -433,6 +373,8 @@ def _ignore_reason(key: str) -> str | None:
         return "EMA copy of the UNet weights; the non-EMA weights are used"
     if _SCHEDULE_BUFFER.fullmatch(key):
         return "diffusion schedule / training buffer, not a network weight"
+    if key.startswith("denoiser."):
+        return "SDXL's sampling buffer (the noise levels of SGM's denoiser), not a network weight"
     return None
 
 
@@ -449,79 +391,27 @@ def strip_wrappers(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
     return state, stripped
 
 
-def _unmappable(key: str, component: str) -> CheckpointError:
-    return CheckpointError(f"key {key!r} cannot be mapped to a diffusers {component} weight "
-                           f"(not in the layout the {component} config describes)")
-
-
 def _split_keymap(state: Mapping[str, np.ndarray], keymap: _KeyMap, prefix: str,
                   ignored: list[tuple[str, str]],
                   skip: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
     out = {}
-    for key, value in _sub(state, prefix).items():
+    for key, value in sub_state(state, prefix).items():
         if reason := next((r for p, r in (skip or {}).items() if key.startswith(p)), None):
             ignored.append((prefix + key, reason))
             continue
         target = keymap.to_diffusers(key)
         if target is None:
-            raise _unmappable(prefix + key, keymap.component)
+            raise unmappable(prefix + key, keymap.component)
         if key in keymap.linear_1x1 and value.ndim == 4:
             value = value.reshape(value.shape[:2])
         out[target] = value
     return out
 
 
-def _split_clip(state: Mapping[str, np.ndarray], ignored: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in _sub(state, CLIP_PREFIX).items():
-        rel = key.removeprefix("text_model.")
-        if rel == "embeddings.position_ids":
-            ignored.append((CLIP_PREFIX + key, _NOT_WEIGHTS["position_ids"]))
-        elif _CLIP_SUFFIX.fullmatch(rel):
-            out["text_model." + rel] = value
-        else:
-            raise _unmappable(CLIP_PREFIX + key, "text_encoder")
-    return out
-
-
-def _split_open_clip(state: Mapping[str, np.ndarray], config: Mapping,
-                     ignored: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-    layers = int(config["num_hidden_layers"])
-    out = {}
-    for key, value in _sub(state, OPEN_CLIP_PREFIX).items():
-        full = OPEN_CLIP_PREFIX + key
-        if key in _NOT_WEIGHTS:
-            ignored.append((full, _NOT_WEIGHTS[key]))
-            continue
-        if key in _OPEN_CLIP_TOP:
-            out["text_model." + _OPEN_CLIP_TOP[key]] = value
-            continue
-        m = _OPEN_CLIP_RESBLOCK.fullmatch(key)
-        if m is None:
-            raise _unmappable(full, "text_encoder")
-        i, rest = int(m[1]), m[2]
-        if i >= layers:
-            ignored.append((full, f"OpenCLIP block {i}: SD-2 conditions on the penultimate layer, "
-                                  f"diffusers keeps {layers} blocks"))
-            continue
-        dst = f"text_model.encoder.layers.{i}."
-        module, _, param = rest.rpartition(".")
-        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            # OpenCLIP packs q, k and v into one in_proj of 3 * width rows.
-            param = rest.rsplit("_", 1)[1]
-            for name, chunk in zip("qkv", np.split(value, 3, axis=0), strict=True):
-                out[f"{dst}self_attn.{name}_proj.{param}"] = chunk
-        elif module in _OPEN_CLIP_BLOCK and param in ("weight", "bias"):
-            out[f"{dst}{_OPEN_CLIP_BLOCK[module]}.{param}"] = value
-        else:
-            raise _unmappable(full, "text_encoder")
-    return out
-
-
 def split_ldm_checkpoint(state: Mapping[str, np.ndarray], configs: Mapping[str, dict] | None = None,
                          allow_extra_keys: bool = False) -> LdmCheckpoint:
-    """Split an LDM single-file state dict into diffusers 'unet' / 'vae' / 'text_encoder' state dicts,
-    and 'controlnet' when a ControlNet is bundled under `control_model.`.
+    """Split an LDM single-file state dict into diffusers 'unet' / 'vae' / 'text_encoder' state dicts (and
+    'text_encoder_2' for SDXL), and 'controlnet' when a ControlNet is bundled under `control_model.`.
 
     `configs` (diffusers / transformers config dicts by component) replace the inferred ones.
     Raises CheckpointError naming the first key under a UNet / VAE / text-encoder / ControlNet prefix
@@ -529,10 +419,11 @@ def split_ldm_checkpoint(state: Mapping[str, np.ndarray], configs: Mapping[str, 
     schedule buffers (an unmerged LoRA, another network) unless `allow_extra_keys`, which reports
     them as ignored. Arrays are views of the input, not copies.
     """
-    kind = _text_kind(state)
+    kind = text_kind(state)
+    check_conditioner(state)
     present = _present(state)
     given = dict(configs or {})
-    configs = {name: dict(given[name]) if name in given else _infer(state, name) for name in present}
+    configs = _configs(state, given)
     outside = [k for k in state if not k.startswith((*SD_PREFIXES, CONTROL_PREFIX))]
     extra = sorted(k for k in outside if _ignore_reason(k) is None)
     if extra and not allow_extra_keys:
@@ -548,10 +439,8 @@ def split_ldm_checkpoint(state: Mapping[str, np.ndarray], configs: Mapping[str, 
         components["vae"] = _split_keymap(
             state, _vae_keymap(configs["vae"]), VAE_PREFIX, ignored,
             skip={"loss.": "VAE training loss (LPIPS / discriminator), not part of AutoencoderKL"})
-    if kind == "clip":
-        components["text_encoder"] = _split_clip(state, ignored)
-    elif kind == "open_clip":
-        components["text_encoder"] = _split_open_clip(state, configs["text_encoder"], ignored)
+    for layout in text_layouts(state):
+        components[layout.component] = split_text(state, configs[layout.component], layout, ignored)
     if any(k.startswith(CONTROL_PREFIX) for k in state):
         if "unet" not in configs:
             raise CheckpointError(f"keys under {CONTROL_PREFIX!r} without a UNet: the ControlNet's config is the "
@@ -589,9 +478,5 @@ def diffusers_to_ldm(unet: Mapping[str, np.ndarray], vae: Mapping[str, np.ndarra
     """
     out = _export_keymap(unet, _unet_keymap(unet_config), UNET_PREFIX)
     out.update(_export_keymap(vae, _vae_keymap(vae_config), VAE_PREFIX))
-    for key, value in text_encoder.items():
-        rel = key.removeprefix("text_model.")
-        if not (_CLIP_SUFFIX.fullmatch(rel) or rel == "embeddings.position_ids"):
-            raise CheckpointError(f"text_encoder key {key!r} is not a CLIPTextModel weight")
-        out[CLIP_PREFIX + "text_model." + rel] = value
+    out.update(text_to_ldm(text_encoder))
     return out

@@ -4,7 +4,8 @@ Every function is deterministic given a `np.random.Generator`; every probability
 field of a frozen config (`CropConfig`, `PGAugmentConfig`).
 
 - `crop_resize`: a random square crop with scale jitter that keeps the whole product bounding box,
-  resized to the training resolution, plus a random horizontal flip of image and mask together.
+  resized to the training resolution, plus a random horizontal flip of image and mask together;
+  `crop_encoded` also says where the crop came from (SDXL's size and crop conditioning, `Crop`).
 - PG's self-supervised condition (docs/method.md, "PG self-supervision and the copy shortcut"):
 
       M'   = translate(randmask(dilate(M, k)), delta)
@@ -31,10 +32,12 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "Crop",
     "CropConfig",
     "PGAugmentConfig",
     "binary_mask",
     "crop_resize",
+    "crop_encoded",
     "crop_resize_encoded",
     "dilate",
     "draw_pg_batch",
@@ -223,8 +226,21 @@ def _reduction(side: int, resolution: int) -> int:
     return scale
 
 
+@dataclass(frozen=True)
+class Crop:
+    """A training crop and where it came from, as SDXL conditions on it (its time ids, with the target size
+    (resolution, resolution)): the source's size, and the crop's top-left corner in the source scaled as the
+    crop is (by resolution / side, SDXL's crop coordinates after its resize), measured from the right edge
+    when the crop is flipped (the left offset of the flipped picture); 0 where the crop pads the source."""
+
+    image: np.ndarray  # (R, R, 3) uint8
+    mask: np.ndarray  # (R, R) uint8 0/255
+    original_size: tuple[int, int]  # (height, width) of the source image
+    crop_top_left: tuple[int, int]  # (top, left)
+
+
 def _crop_resize(mask: np.ndarray, load_image: Callable[[int], np.ndarray], rng: np.random.Generator,
-                 cfg: CropConfig) -> tuple[np.ndarray, np.ndarray]:
+                 cfg: CropConfig) -> Crop:
     """`crop_resize` from a uint8 0/255 mask and `load_image(s)`: the image, at full size or already
     reduced to 1/s (ceil(H / s) x ceil(W / s), a JPEG decoded at that scale).
 
@@ -248,9 +264,13 @@ def _crop_resize(mask: np.ndarray, load_image: Callable[[int], np.ndarray], rng:
     out_mask = cv2.threshold(area, 127, 255, cv2.THRESH_BINARY)[1]
     if box is not None and not cv2.countNonZero(out_mask):  # a product under half a pixel keeps every touched one
         out_mask = cv2.threshold(area, 0, 255, cv2.THRESH_BINARY)[1]
-    if rng.random() < cfg.flip_probability:
+    zoom = cfg.resolution / side
+    crop_left = round(left * zoom)
+    flipped = rng.random() < cfg.flip_probability
+    if flipped:
         out, out_mask = cv2.flip(out, 1), cv2.flip(out_mask, 1)
-    return out, out_mask
+        crop_left = round(width * zoom) - crop_left - cfg.resolution
+    return Crop(out, out_mask, (height, width), (max(0, round(top * zoom)), max(0, crop_left)))
 
 
 def crop_resize(
@@ -267,7 +287,8 @@ def crop_resize(
     image = _check_image(image)
     keep = binary_mask(mask)
     _check_pair(image, keep)
-    return _crop_resize(keep.view(np.uint8) * np.uint8(255), lambda _: image, rng, cfg)
+    crop = _crop_resize(keep.view(np.uint8) * np.uint8(255), lambda _: image, rng, cfg)
+    return crop.image, crop.mask
 
 
 def crop_resize_encoded(
@@ -276,6 +297,12 @@ def crop_resize_encoded(
     """`crop_resize` from encoded bytes (JPEG / PNG image, greyscale mask image: > 127 is product).
 
     A JPEG decodes at a reduced DCT scale when the crop allows (`CropConfig.jpeg_draft`)."""
+    crop = crop_encoded(image, mask, rng, cfg)
+    return crop.image, crop.mask
+
+
+def crop_encoded(image: bytes, mask: bytes, rng: np.random.Generator, cfg: CropConfig) -> Crop:
+    """`crop_resize_encoded`, and where the crop came from (`Crop`)."""
     # records hold upright pixels (the converters apply EXIF orientation): decode them as stored, like PIL
     coverage = cv2.imdecode(np.frombuffer(mask, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if coverage is None:

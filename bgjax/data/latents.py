@@ -2,8 +2,9 @@
 
 The crop is fixed when caching (drawn once per record from `seed`, no flip), because the
 latents belong to one crop; the cropped image and mask are stored too, since CG's condition
-`I * M` is taken at full resolution. The posterior's mean and log-variance are kept (fp16),
-so training still samples z = mean + std * noise as it would from the encoder.
+`I * M` is taken at full resolution, and so is where the crop came from (SDXL's time ids). The
+posterior's mean and log-variance are kept (fp16), so training still samples z = mean + std * noise
+as it would from the encoder.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 
 from bgjax import model_dir
 from bgjax.data import records
-from bgjax.data.augment import CropConfig, crop_resize, to_float
+from bgjax.data.augment import CropConfig, crop_encoded, to_float
 from bgjax.data.convert import MANIFEST, read_manifest, sha256_file
 from bgjax.data.example import decode_example, encode_example
-from bgjax.data.images import decode_mask, decode_rgb, encode_png
+from bgjax.data.images import encode_png
 from bgjax.fileio import write_json
 
 
@@ -41,11 +42,14 @@ def cache_latents(data_dir: Path, model: Path, out: Path, resolution: int = 512,
         w, count, pending = records.writer(tmp, manifest["format"]), 0, []
 
         def flush(w=w, pending=pending):
-            images = np.stack([to_float(p["image"]) for p in pending])
+            images = np.stack([to_float(p["crop"].image) for p in pending])
             mean, logvar = (np.asarray(a, np.float16) for a in encode(params, jnp.asarray(images)))
             for p, m, lv in zip(pending, mean, logvar, strict=True):
-                w.write(encode_example({**p["features"], "image": encode_png(p["image"]),
-                                        "mask": encode_png(p["mask"]), "height": resolution, "width": resolution,
+                crop = p["crop"]
+                w.write(encode_example({**p["features"], "image": encode_png(crop.image),
+                                        "mask": encode_png(crop.mask), "height": resolution, "width": resolution,
+                                        "original_size": list(crop.original_size),
+                                        "crop_top_left": list(crop.crop_top_left),
                                         "latent_mean": m.tobytes(), "latent_logvar": lv.tobytes(),
                                         "latent_shape": list(m.shape)}))
             bar.update(len(pending))
@@ -54,9 +58,9 @@ def cache_latents(data_dir: Path, model: Path, out: Path, resolution: int = 512,
         for record in records.read_records(data_dir / shard["path"]):
             ex = decode_example(record)
             rng = np.random.default_rng([seed, index])
-            image, mask = crop_resize(decode_rgb(ex["image"][0]), decode_mask(ex["mask"][0]), rng, crop_cfg)
+            crop = crop_encoded(ex["image"][0], ex["mask"][0], rng, crop_cfg)
             features = {k: v for k, v in ex.items() if k not in ("image", "mask", "height", "width")}
-            pending.append({"features": features, "image": image, "mask": mask})
+            pending.append({"features": features, "crop": crop})
             index, count = index + 1, count + 1
             if len(pending) == batch_size:
                 flush()

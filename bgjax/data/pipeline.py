@@ -7,7 +7,9 @@ exactly. TFRecord shards go through grain's TFRecord dataset with interleave.
 
 A batch is a dict of numpy arrays:
     image (B, R, R, 3) uint8, mask (B, R, R) uint8 {0, 1}, category_id (B,) int32, example_seed (B,) uint32,
-    input_ids (B, 77) int32, fg_tokens / bg_tokens (B, 77) float32, identifier_index (B,) int32,
+    original_size / crop_top_left (B, 2) int32 (where the crop came from, `augment.Crop`: SDXL's time ids),
+    input_ids (B, 77) int32 (and input_ids_2 for SDXL), fg_tokens / bg_tokens (B, 77) float32,
+    identifier_index (B,) int32,
     and with PG augmentation the perturbation's parameters (`augment.draw_pg_params`):
     pg_dilation (B,) int32, pg_shift (B, 2) int32, pg_hole_spans (B, S_hole, R, 2) int32 and
     pg_mix_spans (B, S_mix, R, 2) int32, and the image mixed into its regions, pg_partner_image
@@ -24,7 +26,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_resize_encoded, draw_pg_params
+from bgjax.data.augment import CropConfig, PGAugmentConfig, crop_encoded, crop_resize_encoded, draw_pg_params
 from bgjax.data.dataset import TrainingData, open_records
 from bgjax.data.example import decode_example
 from bgjax.data.images import decode_mask, decode_rgb
@@ -67,12 +69,18 @@ class Decode(grain.transforms.Map):
         out.update({k: v[cid] for k, v in self.prompts.items()})
         if "latent_mean" in ex:
             out.update(decode_latents(ex))
+        if "crop_top_left" in ex:  # latent caches keep where their crops came from
+            out.update(geometry(ex["original_size"], ex["crop_top_left"]))
         return out
 
 
 def _example(record: bytes | dict) -> dict:
     """A serialized record decoded, or a TFDS element (`TfdsExamples`: already a dict)."""
     return record if isinstance(record, dict) else decode_example(record)
+
+
+def geometry(original_size, crop_top_left) -> dict[str, np.ndarray]:
+    return {"original_size": np.asarray(original_size, np.int32), "crop_top_left": np.asarray(crop_top_left, np.int32)}
 
 
 def _with_position(position: int, record: bytes | dict) -> tuple[int, bytes | dict]:
@@ -93,8 +101,9 @@ class Crop(grain.transforms.RandomMap):
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         rng = example_rng(self.seed, 0, element, rng)
-        image, mask = crop_resize_encoded(element["image"], element["mask"], rng, self.cfg)
-        return {**element, "image": image, "mask": (mask > 127).view(np.uint8)}
+        crop = crop_encoded(element["image"], element["mask"], rng, self.cfg)
+        return {**element, "image": crop.image, "mask": (crop.mask > 127).view(np.uint8),
+                **geometry(crop.original_size, crop.crop_top_left)}
 
 
 class Partners:

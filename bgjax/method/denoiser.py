@@ -1,4 +1,4 @@
-"""UNet + CG + PG as one noise predictor: eps(z_t, t, E, c_cg, c_pg, M)."""
+"""UNet + CG + PG as one noise predictor: eps(z_t, t, E, c_cg, c_pg, M) (and SDXL's added conditioning)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from bgjax.method.config import MethodConfig
 from bgjax.method.store import load_method_config
 from bgjax.models.attention import Implementation
 from bgjax.models.region import Region
+from bgjax.models.unet import AddedCond
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Denoiser:
 
     `params` is {"unet": ..., "cg": ..., "pg": ...} (branch entries only for branches present).
     A branch runs when it exists and its condition is given: with no reference, PG is skipped.
+    `added` is SDXL's pooled embedding and time ids, for the UNet and both branches alike.
     """
 
     unet: nn.Module
@@ -30,15 +32,16 @@ class Denoiser:
 
     def __call__(self, params: dict, latents: jax.Array, timesteps: jax.Array, context: jax.Array, region: Region,
                  cg_cond: jax.Array | None = None, pg_cond: jax.Array | None = None,
-                 lambda_cg: float | jax.Array = 1.0, lambda_pg: float | jax.Array = 1.0) -> jax.Array:
+                 lambda_cg: float | jax.Array = 1.0, lambda_pg: float | jax.Array = 1.0,
+                 added: AddedCond | None = None) -> jax.Array:
         down, mid = None, None
         for branch, name, cond, scale in ((self.cg, "cg", cg_cond, lambda_cg), (self.pg, "pg", pg_cond, lambda_pg)):
             if branch is None or cond is None:
                 continue
-            d, m = branch.apply({"params": params[name]}, latents, timesteps, context, cond, scale, region)
+            d, m = branch.apply({"params": params[name]}, latents, timesteps, context, cond, scale, region, added)
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
-        return self.unet.apply({"params": params["unet"]}, latents, timesteps, context, down, mid, region)
+        return self.unet.apply({"params": params["unet"]}, latents, timesteps, context, down, mid, region, added)
 
 
 def load_denoiser(model: Path, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,

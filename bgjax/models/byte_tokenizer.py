@@ -19,9 +19,10 @@ def byte_alphabet() -> list[str]:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-def write_byte_tokenizer(folder: Path) -> Path:
+def write_byte_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
     """A `CLIPTokenizer` folder: ids 0-511 are bytes (with and without the end-of-word mark),
-    512 is BOS and 513 EOS (also padding)."""
+    512 is BOS and 513 EOS, also padding unless `pad_token` says otherwise (SDXL's second tokenizer
+    pads with "!")."""
     chars = byte_alphabet()
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     folder = Path(folder)
@@ -30,5 +31,5 @@ def write_byte_tokenizer(folder: Path) -> Path:
     (folder / "merges.txt").write_text("#version: 0.2\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
+        "unk_token": "<|endoftext|>", "pad_token": pad_token, "tokenizer_class": "CLIPTokenizer"}))
     return folder

@@ -9,10 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bgjax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
+from bgjax.models.configs import SDXL_TIME_IDS, TEXT_TIME, CLIPTextConfig, UNetConfig, VAEConfig
 from bgjax.models.controlnet import ControlNetModel
-from bgjax.models.text_encoder import CLIPTextModel
-from bgjax.models.unet import UNet2DConditionModel
+from bgjax.models.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
+from bgjax.models.unet import AddedCond, UNet2DConditionModel
 from bgjax.models.vae import AutoencoderKL
 
 
@@ -36,7 +36,11 @@ COMPONENTS: dict[str, Component] = {
                     {"region_mode": "mask_output"}),
     "vae": Component(VAEConfig, AutoencoderKL, "AutoencoderKL", "diffusion_pytorch_model.safetensors"),
     "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "CLIPTextModel", "model.safetensors"),
+    # SDXL's second text encoder (OpenCLIP ViT-bigG), with the projection giving the pooled embedding.
+    "text_encoder_2": Component(CLIPTextConfig, CLIPTextModelWithProjection, "CLIPTextModelWithProjection",
+                                "model.safetensors"),
 }
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def build(kind: str, config: dict | Any, dtype: jnp.dtype = jnp.float32, **options) -> nn.Module:
@@ -53,7 +57,7 @@ def build(kind: str, config: dict | Any, dtype: jnp.dtype = jnp.float32, **optio
 def example_inputs(kind: str, module: nn.Module, batch: int = 1, latent_size: int = 8) -> tuple:
     """Smallest valid inputs for `module.init` / shape inference."""
     cfg = module.config
-    if kind == "text_encoder":
+    if kind in TEXT_ENCODERS:
         return (jnp.zeros((batch, cfg.max_position_embeddings), jnp.int32),)
     if kind == "vae":
         return (jnp.zeros((batch, 8 * latent_size, 8 * latent_size, cfg.in_channels)),)
@@ -66,12 +70,22 @@ def example_inputs(kind: str, module: nn.Module, batch: int = 1, latent_size: in
     return latents, jnp.zeros((batch,)), context
 
 
+def example_added(module: nn.Module, batch: int = 1) -> AddedCond | None:
+    """Zero added conditioning (pooled text embedding, SDXL's 6 time ids) for a "text_time" UNet / ControlNet."""
+    cfg = module.config
+    if not isinstance(cfg, UNetConfig) or cfg.addition_embed_type != TEXT_TIME:
+        return None
+    return AddedCond(jnp.zeros((batch, cfg.pooled_text_dim)), jnp.zeros((batch, SDXL_TIME_IDS)))
+
+
 def _min_latent(kind: str, module: nn.Module) -> int:
-    return 1 if kind in ("text_encoder", "vae") else 2 ** (len(module.config.block_out_channels) - 1)
+    return 1 if kind in (*TEXT_ENCODERS, "vae") else 2 ** (len(module.config.block_out_channels) - 1)
 
 
 def init_params(kind: str, module: nn.Module, rng: jax.Array) -> dict:
-    return module.init(rng, *example_inputs(kind, module, latent_size=_min_latent(kind, module)))["params"]
+    added = example_added(module)
+    kwargs = {} if added is None else {"added": added}
+    return module.init(rng, *example_inputs(kind, module, latent_size=_min_latent(kind, module)), **kwargs)["params"]
 
 
 def param_shapes(kind: str, module: nn.Module) -> dict:

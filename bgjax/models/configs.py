@@ -15,6 +15,10 @@ CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
 PLAIN_DOWN = "DownBlock2D"
 CROSS_ATTN_UP = "CrossAttnUpBlock2D"
 PLAIN_UP = "UpBlock2D"
+# SDXL's added conditioning: the pooled text embedding and the time ids (original size, crop top-left,
+# target size, each (h, w) / (top, left)), their sinusoids concatenated into `add_embedding`.
+TEXT_TIME = "text_time"
+SDXL_TIME_IDS = 6
 
 
 class ConfigError(ValueError):
@@ -36,7 +40,11 @@ def _require(cond: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """UNet2DConditionModel / ControlNetModel fields (SD-1.x and SD-2.x families)."""
+    """UNet2DConditionModel / ControlNetModel fields (SD-1.x, SD-2.x and SDXL families).
+
+    `upcast_attention` needs no field: attention logits and softmax always run in fp32
+    (`bgjax.models.attention`), which is what it asks for.
+    """
 
     in_channels: int
     out_channels: int
@@ -56,7 +64,10 @@ class UNetConfig:
     downsample_padding: int
     conditioning_channels: int
     conditioning_embedding_out_channels: tuple[int, ...]
-    raw: dict = dataclasses.field(compare=False, hash=False, repr=False)
+    addition_embed_type: str | None = None  # "text_time" (SDXL) or None
+    addition_time_embed_dim: int = 0  # width of each time id's sinusoid
+    projection_class_embeddings_input_dim: int = 0  # add_embedding's input: pooled text + time sinusoids
+    raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -75,8 +86,20 @@ class UNetConfig:
             ("mid_block_type", ("UNetMidBlock2DCrossAttn", None)),
             ("resnet_time_scale_shift", ("default", None)),
             ("class_embed_type", (None,)),
-            ("addition_embed_type", (None,)),
+            ("addition_embed_type", (None, TEXT_TIME)),
             ("encoder_hid_dim", (None,)),
+            ("encoder_hid_dim_type", (None,)),
+            ("time_cond_proj_dim", (None,)),
+            ("num_class_embeds", (None,)),
+            ("reverse_transformer_layers_per_block", (None,)),
+            ("attention_type", ("default", None)),
+            ("conv_in_kernel", (3, None)),
+            ("conv_out_kernel", (3, None)),
+            ("timestep_post_act", (None,)),
+            ("time_embedding_dim", (None,)),
+            ("class_embeddings_concat", (False, None)),
+            ("mid_block_only_cross_attention", (None, False)),
+            ("cross_attention_norm", (None,)),
             ("time_embedding_type", ("positional", None)),
             ("dual_cross_attention", (False, None)),
             ("act_fn", ("silu", None)),
@@ -110,8 +133,19 @@ class UNetConfig:
             conditioning_channels=int(d.get("conditioning_channels", 3)),
             conditioning_embedding_out_channels=tuple(
                 d.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
+            addition_embed_type=d.get("addition_embed_type"),
+            addition_time_embed_dim=int(d.get("addition_time_embed_dim") or 0),
+            projection_class_embeddings_input_dim=int(d.get("projection_class_embeddings_input_dim") or 0),
             raw=dict(d),
         )
+        if cfg.addition_embed_type == TEXT_TIME:
+            _require(cfg.addition_time_embed_dim > 0 and cfg.addition_time_embed_dim % 2 == 0,
+                     f"addition_time_embed_dim: {d.get('addition_time_embed_dim')!r}, expected an even width "
+                     f"for addition_embed_type 'text_time'")
+            _require(cfg.projection_class_embeddings_input_dim > SDXL_TIME_IDS * cfg.addition_time_embed_dim,
+                     f"projection_class_embeddings_input_dim: {d.get('projection_class_embeddings_input_dim')!r} "
+                     f"leaves no room for the pooled text embedding beside {SDXL_TIME_IDS} time ids of "
+                     f"{cfg.addition_time_embed_dim}")
         for c, h in zip(cfg.block_out_channels, cfg.num_attention_heads, strict=True):
             _require(c % h == 0, f"attention_head_dim: {h} heads do not divide {c} channels")
             _require(c % cfg.norm_num_groups == 0,
@@ -122,6 +156,11 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
 
+    @property
+    def pooled_text_dim(self) -> int:
+        """The width of the pooled text embedding a "text_time" model takes beside SDXL's 6 time ids."""
+        return self.projection_class_embeddings_input_dim - SDXL_TIME_IDS * self.addition_time_embed_dim
+
     def has_cross_attention(self, down_index: int) -> bool:
         return self.down_block_types[down_index] == CROSS_ATTN_DOWN
 
@@ -131,7 +170,8 @@ class UNetConfig:
                 "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
                 "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
                 "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
-                "use_linear_projection", "upcast_attention", "resnet_time_scale_shift")
+                "use_linear_projection", "upcast_attention", "resnet_time_scale_shift", "addition_embed_type",
+                "addition_time_embed_dim", "projection_class_embeddings_input_dim")
         d = {k: self.raw[k] for k in keep if k in self.raw}
         d.update(_class_name="ControlNetModel", conditioning_channels=self.conditioning_channels,
                  conditioning_embedding_out_channels=list(self.conditioning_embedding_out_channels),
@@ -152,7 +192,10 @@ class VAEConfig:
     scaling_factor: float
     shift_factor: float
     mid_block_add_attention: bool
-    raw: dict = dataclasses.field(compare=False, hash=False, repr=False)
+    # diffusers runs a VAE with this flag in fp32 when asked for fp16, whose range its activations
+    # overflow (SDXL's); bgjax does the same for float16. bf16 has fp32's range and is kept.
+    force_upcast: bool = True
+    raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
@@ -173,13 +216,15 @@ class VAEConfig:
             scaling_factor=float(d.get("scaling_factor", 0.18215)),
             shift_factor=float(d.get("shift_factor") or 0.0),
             mid_block_add_attention=bool(d.get("mid_block_add_attention", True)),
+            force_upcast=bool(d.get("force_upcast", True)),
             raw=dict(d),
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """transformers CLIPTextConfig fields (CLIP ViT-L/14 for SD-1.x, OpenCLIP ViT-H for SD-2.x)."""
+    """transformers CLIPTextConfig fields (CLIP ViT-L/14 for SD-1.x and SDXL, OpenCLIP ViT-H for SD-2.x,
+    OpenCLIP ViT-bigG with its projection for SDXL's second encoder)."""
 
     vocab_size: int
     hidden_size: int
@@ -189,7 +234,11 @@ class CLIPTextConfig:
     max_position_embeddings: int
     hidden_act: str
     layer_norm_eps: float
-    raw: dict = dataclasses.field(compare=False, hash=False, repr=False)
+    projection_dim: int = 512  # CLIPTextModelWithProjection's text_projection width
+    # The pooled output is taken at the first `eos_token_id`; transformers keeps the old rule for
+    # configs saying 2 (SD's and SDXL's): the position of the largest token id.
+    eos_token_id: int = 49407
+    raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> CLIPTextConfig:
@@ -206,6 +255,8 @@ class CLIPTextConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 77)),
             hidden_act=act,
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
+            projection_dim=int(d.get("projection_dim") or 512),
+            eos_token_id=int(49407 if d.get("eos_token_id") is None else d["eos_token_id"]),
             raw=dict(d),
         )
         _require(cfg.hidden_size % cfg.num_attention_heads == 0,

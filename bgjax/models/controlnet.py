@@ -10,7 +10,7 @@ from bgjax.models.attention import Implementation
 from bgjax.models.configs import UNetConfig
 from bgjax.models.layers import conv
 from bgjax.models.region import Region, RegionMode, area_resize
-from bgjax.models.unet import encode
+from bgjax.models.unet import AddedCond, encode
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -43,6 +43,7 @@ class ControlNetModel(nn.Module):
     region_mode: RegionMode = "none"
     mask_residuals: bool = False
     attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
+    remat: bool = False  # gradient checkpointing, as the UNet's
 
     @nn.compact
     def __call__(
@@ -53,6 +54,7 @@ class ControlNetModel(nn.Module):
         controlnet_cond: jax.Array,
         conditioning_scale: float | jax.Array = 1.0,
         region: Region | None = None,
+        added: AddedCond | None = None,
     ) -> tuple[list[jax.Array], jax.Array]:
         cfg, dtype = self.config, self.dtype
         factor = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
@@ -63,7 +65,7 @@ class ControlNetModel(nn.Module):
         cond = ControlNetConditioningEmbedding(cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels,
                                                dtype=dtype, name="controlnet_cond_embedding")
         x, _, skips = encode(self, sample, timesteps, encoder_hidden_states.astype(dtype),
-                             cond(controlnet_cond.astype(dtype)), region)
+                             cond(controlnet_cond.astype(dtype)), region, added)
         down = [
             conv(s.shape[-1], 1, padding=0, zero_init=True, name=f"controlnet_down_blocks.{i}", dtype=dtype)(s)
             for i, s in enumerate(skips)
@@ -78,7 +80,7 @@ class ControlNetModel(nn.Module):
 
 def controlnet_params_from_unet(unet_params: dict, controlnet_params: dict) -> dict:
     """ControlNet params with the UNet's encoder weights copied in, as `ControlNetModel.from_unet`."""
-    shared = ("conv_in", "time_embedding", "mid_block")
+    shared = ("conv_in", "time_embedding", "add_embedding", "mid_block")
     out = dict(controlnet_params)
     for name in controlnet_params:
         if name in shared or name.startswith("down_blocks."):

@@ -1,8 +1,11 @@
-"""CLIP text encoder (transformers' CLIPTextModel names) and the tokenizer read from local files.
+"""CLIP text encoders (transformers' CLIPTextModel / CLIPTextModelWithProjection names) and the tokenizer
+read from local files.
 
 SD-1.x uses OpenAI CLIP ViT-L/14 (quick_gelu); SD-2.x uses OpenCLIP ViT-H with its last
 layer dropped (diffusers' checkpoints store 23 layers), so the "penultimate layer" is
-simply the final layer of the stored model, followed by `final_layer_norm`.
+simply the final layer of the stored model, followed by `final_layer_norm`. SDXL keeps whole
+towers (CLIP ViT-L/14 and OpenCLIP ViT-bigG with its projection) and reads the second-to-last
+layer's output without the final norm (`TextEncoding.penultimate_hidden_state`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -56,13 +60,30 @@ class CLIPEncoderLayer(nn.Module):
         return x + nn.Dense(cfg.hidden_size, dtype=self.dtype, name="mlp.fc2")(_activation(cfg.hidden_act, h))
 
 
+@flax.struct.dataclass
+class TextEncoding:
+    """What SD and SDXL read from a CLIP text tower (transformers' output names)."""
+
+    last_hidden_state: jax.Array  # (B, L, hidden), after final_layer_norm: SD-1.x / SD-2.x's context
+    penultimate_hidden_state: jax.Array  # hidden_states[-2]: the second-to-last layer's output, SDXL's context
+    pooler_output: jax.Array  # (B, hidden) last_hidden_state at the EOS token; projected by text_projection
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """transformers' pooling position: the first `eos_token_id`, or for configs that say 2 (the value before
+    transformers fixed it, kept by SD's and SDXL's configs) the first largest token id."""
+    if eos_token_id == 2:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax(input_ids == eos_token_id, axis=-1)
+
+
 class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
     attention: Implementation = "auto"
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, input_embeds: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, input_embeds: jax.Array | None = None) -> TextEncoding:
         cfg = self.config
         if input_ids.shape[-1] > cfg.max_position_embeddings:
             raise ValueError(f"input_ids: {input_ids.shape[-1]} tokens, more than the encoder's "
@@ -72,13 +93,18 @@ class CLIPTextTransformer(nn.Module):
                                       name="embeddings.position_embedding")
         x = token_embedding(input_ids) if input_embeds is None else input_embeds
         x = (x + position_embedding(jnp.arange(input_ids.shape[-1]))).astype(self.dtype)
+        before_last = x
         for i in range(cfg.num_hidden_layers):
+            before_last = x
             x = CLIPEncoderLayer(cfg, dtype=self.dtype, attention=self.attention, name=f"encoder.layers.{i}")(x)
-        return layer_norm(cfg.layer_norm_eps, name="final_layer_norm")(x)
+        last = layer_norm(cfg.layer_norm_eps, name="final_layer_norm")(x)
+        pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, cfg.eos_token_id)]
+        return TextEncoding(last, before_last, pooled)
 
 
 class CLIPTextModel(nn.Module):
-    """input ids (B, L) -> last hidden state (B, L, hidden), as `CLIPTextModel(...).last_hidden_state`.
+    """input ids (B, L) -> last hidden state (B, L, hidden), as `CLIPTextModel(...).last_hidden_state`;
+    `encode` gives every output SD and SDXL use (`TextEncoding`).
 
     `input_embeds` replaces the token embeddings (textual-inversion identifiers are
     spliced in there); positions are still added here.
@@ -88,10 +114,28 @@ class CLIPTextModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
 
-    @nn.compact
+    def setup(self) -> None:
+        self.text_model = CLIPTextTransformer(self.config, dtype=self.dtype, attention=self.attention)
+
+    def encode(self, input_ids: jax.Array, input_embeds: jax.Array | None = None) -> TextEncoding:
+        return self.text_model(input_ids, input_embeds)
+
     def __call__(self, input_ids: jax.Array, input_embeds: jax.Array | None = None) -> jax.Array:
-        return CLIPTextTransformer(self.config, dtype=self.dtype, attention=self.attention, name="text_model")(
-            input_ids, input_embeds)
+        return self.encode(input_ids, input_embeds).last_hidden_state
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' CLIPTextModelWithProjection (SDXL's OpenCLIP ViT-bigG): `encode`'s pooled output is
+    `text_projection(pooler_output)`, transformers' `text_embeds`."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
+
+    def encode(self, input_ids: jax.Array, input_embeds: jax.Array | None = None) -> TextEncoding:
+        out = self.text_model(input_ids, input_embeds)
+        # the projection runs in fp32: SDXL's add_embedding reads it beside the time ids' sinusoids
+        return out.replace(pooler_output=self.text_projection(out.pooler_output).astype(jnp.float32))
 
 
 def load_tokenizer(path: str | Path):

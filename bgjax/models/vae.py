@@ -98,27 +98,36 @@ class AutoencoderKL(nn.Module):
 
     Images are NHWC in [-1, 1]. Latents here are the VAE's raw latents: multiply by
     `scaling_factor` (after subtracting `shift_factor`) for the diffusion model, as diffusers.
+
+    Asked for float16 with the config's `force_upcast` (SDXL's VAE: its decoder's activations pass
+    fp16's 65504), it computes in float32, as diffusers does; bfloat16, whose range is fp32's, is kept.
     """
 
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
     attention: Implementation = "auto"  # the attention kernel (bgjax.models.attention)
 
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        if jnp.dtype(self.dtype) == jnp.float16 and self.config.force_upcast:
+            return jnp.float32
+        return self.dtype
+
     def setup(self) -> None:
-        self.encoder = Encoder(self.config, dtype=self.dtype, attention=self.attention)
-        self.decoder = Decoder(self.config, dtype=self.dtype, attention=self.attention)
+        dtype = self.compute_dtype
+        self.encoder = Encoder(self.config, dtype=dtype, attention=self.attention)
+        self.decoder = Decoder(self.config, dtype=dtype, attention=self.attention)
         n = 2 * self.config.latent_channels
-        self.quant_conv = conv(n, 1, padding=0, name="quant_conv", dtype=self.dtype)
-        self.post_quant_conv = conv(self.config.latent_channels, 1, padding=0, name="post_quant_conv",
-                                    dtype=self.dtype)
+        self.quant_conv = conv(n, 1, padding=0, name="quant_conv", dtype=dtype)
+        self.post_quant_conv = conv(self.config.latent_channels, 1, padding=0, name="post_quant_conv", dtype=dtype)
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        moments = self.quant_conv(self.encoder(images.astype(self.dtype)))
+        moments = self.quant_conv(self.encoder(images.astype(self.compute_dtype)))
         mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        return self.decoder(self.post_quant_conv(latents.astype(self.dtype)))
+        return self.decoder(self.post_quant_conv(latents.astype(self.compute_dtype)))
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """Reconstruct: the posterior mean, or a sample when `rng` is given."""

@@ -29,6 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
                                           for f in dataclasses.fields(MethodConfig)})
     c.dtype = "bfloat16"  # compute dtype; trained params stay float32
     c.attention = "auto"  # attention kernel: auto (per backend), xla, cudnn or flash (bgjax.models.attention)
+    # Gradient checkpointing: the UNet's and the branches' resnets and transformer blocks recompute their
+    # activations in the backward pass (one more forward) instead of keeping them; what SDXL at 1024 px needs.
+    c.remat = False
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()

@@ -29,7 +29,7 @@ from bgjax.models.configs import ConfigError
 from bgjax.train import TrainingDiverged, sharding
 from bgjax.train.checkpoint import Checkpoints, abstract
 from bgjax.train.models import load_stage, save_model
-from bgjax.train.resume import check_latent_cache, check_resume
+from bgjax.train.resume import check_latent_cache, check_latent_vae, check_resume
 from bgjax.train.samples import sample_grid, validation_set
 from bgjax.train.step import init_state, jit_train_step, make_optimizer, program_flops
 
@@ -168,6 +168,9 @@ def _run(config, workdir: Path, data: TrainingData, checkpoints: Checkpoints, st
     _log.info("building the %s stage's models%s", config.stage, f" from {config.model}" if config.model else "")
     # A resume restores the trained params, so they are only shapes here.
     models, trained, frozen = load_stage(config, data.categories, dtype, workdir, shapes_only=start is not None)
+    check_latent_vae(data.latents, models.vae.config, data.where)
+    if config.sample_every and models.text_encoder_2 is not None:
+        raise ConfigError("config.sample_every: sample grids of SDXL models are not supported yet; set it to 0")
     tables = models.prompt_tables(data.categories) if models.prompts else {}
     empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()} if models.prompts else None
     batches = data_iterator(config, data, tables)

@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from bgjax.data.pg_render import pg_condition
-from bgjax.method.prompts import embed_with_identifiers
+from bgjax.method.text import TextConditioning
 from bgjax.models.region import Region
+from bgjax.models.unet import AddedCond
 from bgjax.models.vae import sample_latent
 from bgjax.train.models import StageModels
 
-PROMPT_KEYS = ("input_ids", "fg_tokens", "bg_tokens", "identifier_index")
+PROMPT_KEYS = ("input_ids", "input_ids_2", "fg_tokens", "bg_tokens", "identifier_index")
 
 
 def example_keys(key: jax.Array, batch: dict, n: int) -> list[jax.Array]:
@@ -43,21 +44,25 @@ def latents(models: StageModels, params: dict, batch: dict, key: jax.Array) -> j
     return (z - cfg.shift_factor) * cfg.scaling_factor
 
 
-def text_context(models: StageModels, params: dict, prompts: dict) -> jax.Array:
-    """E: the text encoder's hidden states, with each category's identifier e_c spliced in."""
-    ids = prompts["input_ids"]
-    if "identifiers" not in params:
-        return models.text_encoder.apply({"params": params["text_encoder"]}, ids)
-    table = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
-    embeds = embed_with_identifiers(table, ids, prompts["identifier_index"], params["identifiers"],
-                                    prompts["identifier_row"])
-    return models.text_encoder.apply({"params": params["text_encoder"]}, ids, input_embeds=embeds)
+def text_context(models: StageModels, params: dict, prompts: dict) -> TextConditioning:
+    """E (and SDXL's pooled embedding): the text encoders' states, each category's identifier e_c spliced in."""
+    return models.text_encoders(params, prompts)
+
+
+def time_ids(batch: dict) -> jax.Array:
+    """SDXL's time ids per example: original (h, w), crop (top, left), target (h, w) = the training crop's size."""
+    if "crop_top_left" not in batch:
+        raise ValueError("the batch has no crop geometry (original_size, crop_top_left) for SDXL's time ids: a "
+                         "latent cache written before bgjax kept it; cache the data again "
+                         "(bgjax.data.latents.cache_latents)")
+    target = jnp.broadcast_to(jnp.asarray(batch["image"].shape[1:3]), batch["crop_top_left"].shape)
+    return jnp.concatenate([batch["original_size"], batch["crop_top_left"], target], axis=-1).astype(jnp.float32)
 
 
 def drop_prompts(batch: dict, empty: dict, drop: jax.Array) -> dict:
     """The batch's prompt arrays with the empty prompt where `drop` (B,) is true."""
     out = {}
-    for k in PROMPT_KEYS:
+    for k in (k for k in PROMPT_KEYS if k in batch):
         where = drop.reshape(drop.shape + (1,) * (batch[k].ndim - 1))
         out[k] = jnp.where(where, jnp.asarray(empty[k]), batch[k])
     out["identifier_row"] = batch["identifier_row"]
@@ -86,15 +91,18 @@ def diffusion_loss(models: StageModels, params: dict, batch: dict, key: jax.Arra
 
     drop = jax.vmap(lambda k: jax.random.uniform(k) < loss_cfg.prompt_dropout)(k_drop)
     prompts = drop_prompts(batch, empty_prompt, drop)
-    context = text_context(models, params, prompts)
+    text = text_context(models, params, prompts)
+    if models.zeros_for_empty_prompt:
+        text = text.zeroed(drop)
+    added = None if text.pooled is None else AddedCond(text.pooled, time_ids(batch))
     mask = batch["mask"].astype(jnp.float32)
     region = Region(mask, prompts["fg_tokens"], prompts["bg_tokens"])
     image = images(batch)
     denoiser = models.denoiser
     cg_cond = image * mask[..., None] if denoiser.cg is not None else None
     pg_cond = pg_condition(batch) if denoiser.pg is not None else None
-    pred = denoiser(params, z_t, t, context, region, cg_cond, pg_cond, models.method.lambda_cg,
-                    models.method.lambda_pg)
+    pred = denoiser(params, z_t, t, text.context, region, cg_cond, pg_cond, models.method.lambda_cg,
+                    models.method.lambda_pg, added)
     per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
     if loss_cfg.min_snr_gamma:
         per_example = per_example * snr_weight(models, t, loss_cfg.min_snr_gamma)

@@ -4,6 +4,10 @@ back as a bgjax model directory when training ends.
 
 One `MethodConfig` per stage (`stage_method`) builds the modules, the prompts, and is what the
 exported `method.json` holds, so `load_denoiser` serves what was trained.
+
+An SDXL base (a model with `text_encoder_2/`) brings its second text encoder and tokenizer, a second
+identifier table (`identifiers_2`) for the stage that learns the categories, and the added conditioning
+(pooled embedding, time ids) that `bgjax.train.losses` builds per example.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from bgjax.fileio import write_json
 from bgjax.method.config import MethodConfig, field_owner
 from bgjax.method.denoiser import Denoiser
 from bgjax.method.prompts import CategoryVocabulary, PromptBuilder, init_identifiers
-from bgjax.method.store import METHOD_FILE, load_method, load_method_config, save_method
+from bgjax.method.store import METHOD_FILE, load_identifier_tables, load_method, load_method_config, save_method
+from bgjax.method.text import IDENTIFIERS, TextEncoders, zeros_for_empty_prompt
 from bgjax.models.byte_tokenizer import write_byte_tokenizer
 from bgjax.models.components import build, init_params
 from bgjax.models.configs import ConfigError, UNetConfig, read_config_json
@@ -45,10 +50,15 @@ class Stage:
 STAGES = {
     "vae": Stage(trains=("vae",), needs=("vae",)),
     "unet": Stage(trains=("unet",), needs=("vae", "text_encoder", "unet")),
-    "cg": Stage(trains=("cg", "identifiers"), needs=("vae", "text_encoder", "unet", "cg")),
+    "cg": Stage(trains=("cg", *IDENTIFIERS.values()), needs=("vae", "text_encoder", "unet", "cg")),
     "pg": Stage(trains=("pg",), needs=("vae", "text_encoder", "unet", "pg"), uses=("cg",)),  # stage 1's CG, frozen
 }
 TRAINED = {name: s.trains for name, s in STAGES.items()}
+# SDXL's second text encoder: part of every stage with a text encoder, when the base model has it (or
+# config.init gives it); its tokenizer folder beside the first's.
+TEXT_2 = "text_encoder_2"
+TOKENIZER_DIRS = {"text_encoder": "tokenizer", TEXT_2: "tokenizer_2"}
+REMAT_KINDS = ("unet", "cg", "pg")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,7 +74,15 @@ class StageModels:
     configs: dict  # kind -> the config dict written with the component
     categories: list[str]
     prompts: PromptBuilder | None
-    tokenizer_dir: Path | None  # copied into the trained model
+    tokenizer_dirs: dict[str, Path]  # "tokenizer" (and "tokenizer_2"): copied into the trained model
+    text_encoder_2: nn.Module | None = None  # SDXL's second text encoder
+    # SDXL: a dropped prompt's conditioning (context and pooled embedding) is zeros, as the pipeline's
+    # unconditional pass makes it for an empty negative prompt (`force_zeros_for_empty_prompt`).
+    zeros_for_empty_prompt: bool = False
+
+    @property
+    def text_encoders(self) -> TextEncoders:
+        return TextEncoders.of({"text_encoder": self.text_encoder, TEXT_2: self.text_encoder_2})
 
     def prompt_tables(self, data_categories: dict[str, int]) -> dict[str, np.ndarray]:
         """Per data category id: the prompt arrays and the identifier table row it trains."""
@@ -132,11 +150,14 @@ class _Sources:
     dtype: jnp.dtype
     key: jax.Array
     attention: str = "auto"  # the attention kernel (bgjax.models.attention)
+    remat: bool = False  # gradient checkpointing in the UNet and the branches
     shapes_only: bool = False  # a resume restores the trained params: new ones are only ShapeDtypeStructs
 
     def options(self, kind: str) -> dict:
-        """`components.build`'s module fields for `kind`: the method's and the attention kernel."""
-        return {**self.method.module_options(kind), "attention": self.attention}
+        """`components.build`'s module fields for `kind`: the method's, the attention kernel and, for the UNet
+        and the branches, gradient checkpointing."""
+        remat = {"remat": self.remat} if kind in REMAT_KINDS else {}
+        return {**self.method.module_options(kind), "attention": self.attention, **remat}
 
     def where(self, kind: str) -> str:
         return f"{self.base} has no {kind}/" if self.base else "no base model (config.model) is given"
@@ -188,35 +209,40 @@ def _cast(params, dtype: jnp.dtype):
     return jax.tree.map(cast, params)
 
 
-def _tokenizer_dir(src: _Sources, workdir: Path) -> Path:
-    if src.base and (src.base / "tokenizer").is_dir():
-        return src.base / "tokenizer"
+def _tokenizer_dir(src: _Sources, workdir: Path, name: str) -> Path:
+    """The base model's tokenizer folder `name`, or bgjax's byte-level one (the second pads with "!", as SDXL's)."""
+    if src.base and (src.base / name).is_dir():
+        return src.base / name
     if src.init.get("tokenizer") != "byte":
-        raise ConfigError("config.init.tokenizer: the base model has no tokenizer/; set it to 'byte'")
-    return write_byte_tokenizer(Path(workdir) / "tokenizer")
+        raise ConfigError(f"config.init.tokenizer: the base model has no {name}/; set it to 'byte'")
+    return write_byte_tokenizer(Path(workdir) / name, **({"pad_token": "!"} if name == "tokenizer_2" else {}))
 
 
-def _identifiers(src: _Sources, data_categories: dict[str, int], tokenizer, params: dict
-                 ) -> tuple[list[str], jax.Array | None]:
-    """The category vocabulary and the identifier table: the base model's, or new ones for the
-    stage that learns them (each row at the placeholder token's embedding)."""
+def _identifiers(src: _Sources, data_categories: dict[str, int], tokenizers: dict, params: dict
+                 ) -> tuple[list[str], dict[str, jax.Array]]:
+    """The category vocabulary and the identifier tables, one per text encoder (`IDENTIFIERS`): the base
+    model's, or new ones for the stage that learns them (each row at the placeholder token's embedding)."""
     trained = "identifiers" in TRAINED[src.stage]
     if _has_method(src.base):
-        saved, categories, table = load_method(src.base)
+        saved, categories, _ = load_method(src.base)
         missing = sorted(set(data_categories) - set(categories))
         if missing:
             raise ConfigError(f"{src.base / METHOD_FILE}: the data has categories the model was not trained on: "
                               f"{missing}")
         if saved.identifiers == src.method.identifiers:  # else the cg stage starts a new table
-            return categories, jnp.asarray(table, jnp.float32 if trained else src.dtype)
+            tables = load_identifier_tables(src.base)
+            return categories, {k: jnp.asarray(v, jnp.float32 if trained else src.dtype) for k, v in tables.items()}
     categories = sorted(data_categories, key=data_categories.get)
     if not trained:
-        return categories, None
-    embedding = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
-    placeholder = tokenizer(src.method.identifier_placeholder, add_special_tokens=False).input_ids[0]
+        return categories, {}
     rows = len(categories) if src.method.identifiers == "per_category" else 1
-    init_ids = functools.partial(init_identifiers, embedding, placeholder, rows)
-    return categories, jax.eval_shape(init_ids) if src.shapes_only else init_ids()
+    tables = {}
+    for kind, tokenizer in tokenizers.items():
+        embedding = params[kind]["text_model"]["embeddings.token_embedding"]["embedding"]
+        placeholder = tokenizer(src.method.identifier_placeholder, add_special_tokens=False).input_ids[0]
+        init_ids = functools.partial(init_identifiers, embedding, placeholder, rows)
+        tables[IDENTIFIERS[kind]] = jax.eval_shape(init_ids) if src.shapes_only else init_ids()
+    return categories, tables
 
 
 def _scheduler_config(src: _Sources) -> dict:
@@ -236,10 +262,12 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
     present = tuple(model_dir.components(base)) if base else ()
     method = stage_method(config.stage, config.method.to_dict(), base)
     src = _Sources(config.stage, base, present, config.init.to_dict(), method, dtype, jax.random.key(config.seed),
-                   config.attention, shapes_only)
+                   config.attention, config.remat, shapes_only)
     built = {}
     for i, kind in enumerate(stage.needs):
         built[kind] = _component(kind, src, built, i)
+    if "text_encoder" in stage.needs and (TEXT_2 in present or TEXT_2 in src.init):
+        built[TEXT_2] = _component(TEXT_2, src, built, len(stage.needs))
     for kind in stage.uses:
         if kind in present:
             built[kind] = _from_base(kind, src)
@@ -247,21 +275,22 @@ def load_stage(config, data_categories: dict[str, int], dtype: jnp.dtype, workdi
     params = {k: p for k, (_, p, _) in built.items()}
     configs = {k: c for k, (_, _, c) in built.items()}
 
-    prompts, tokenizer_dir, categories = None, None, sorted(data_categories, key=data_categories.get)
+    prompts, tokenizer_dirs, categories = None, {}, sorted(data_categories, key=data_categories.get)
     if "text_encoder" in stage.needs:
-        tokenizer_dir = _tokenizer_dir(src, workdir)
-        tokenizer = load_tokenizer(tokenizer_dir)
-        prompts = PromptBuilder(tokenizer, method)
-        categories, table = _identifiers(src, data_categories, tokenizer, params)
-        if table is not None:
-            params["identifiers"] = table
+        encoders = [k for k in TOKENIZER_DIRS if k in built]
+        tokenizer_dirs = {TOKENIZER_DIRS[k]: _tokenizer_dir(src, workdir, TOKENIZER_DIRS[k]) for k in encoders}
+        tokenizers = {k: load_tokenizer(tokenizer_dirs[TOKENIZER_DIRS[k]]) for k in encoders}
+        prompts = PromptBuilder(tokenizers["text_encoder"], method, tokenizer_2=tokenizers.get(TEXT_2))
+        categories, tables = _identifiers(src, data_categories, tokenizers, params)
+        params.update(tables)
     schedule = None
     if config.stage != "vae":
         configs["scheduler"] = _scheduler_config(src)
         schedule = NoiseSchedule.from_config(configs["scheduler"])
     denoiser = Denoiser(modules["unet"], modules.get("cg"), modules.get("pg")) if "unet" in modules else None
     models = StageModels(config.stage, modules["vae"], denoiser, modules.get("text_encoder"), schedule, method,
-                         configs, categories, prompts, tokenizer_dir)
+                         configs, categories, prompts, tokenizer_dirs, modules.get(TEXT_2),
+                         TEXT_2 in modules and zeros_for_empty_prompt(base))
     trained = {k: v for k, v in params.items() if k in stage.trains}
     frozen = {k: v for k, v in params.items() if k not in stage.trains}
     return models, trained, frozen
@@ -312,16 +341,19 @@ def save_model(models: StageModels, config, params: dict, out: Path, source: str
         else:
             model_dir.save_component(tmp, kind, models.configs[kind], jax.device_get(params[kind]))
             written.append(kind)
-    if models.tokenizer_dir is not None:
-        shutil.copytree(models.tokenizer_dir, tmp / "tokenizer")
+    for name, folder in models.tokenizer_dirs.items():
+        shutil.copytree(folder, tmp / name)
+    if models.text_encoder_2 is not None and base is not None and (base / "model_index.json").is_file():
+        shutil.copyfile(base / "model_index.json", tmp / "model_index.json")  # SDXL's force_zeros_for_empty_prompt
     if "scheduler" in models.configs:
         write_json(tmp / "scheduler" / "scheduler_config.json", models.configs["scheduler"])
     if "identifiers" in trained:
-        save_method(tmp, models.method, models.categories, np.asarray(jax.device_get(params["identifiers"])))
+        tables = {k: np.asarray(jax.device_get(params[k])) for k in IDENTIFIERS.values() if k in params}
+        save_method(tmp, models.method, models.categories, **tables)
         written.append("identifiers")
     elif _has_method(base):
-        _, categories, table = load_method(base)  # the stored fp32 table, not the compute-dtype copy
-        save_method(tmp, models.method, categories, table)
+        _, categories, _ = load_method(base)  # the stored fp32 tables, not the compute-dtype copies
+        save_method(tmp, models.method, categories, **load_identifier_tables(base))
     (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
     run = f"{source} in {out.parent.resolve()}"
     model_dir.write_manifest(tmp, kinds, source, _provenance(models.stage, base, list(params), written, run))

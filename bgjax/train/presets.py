@@ -56,6 +56,30 @@ SD15_TEXT_ENCODER = {
 SD15_RANDOM = {"vae": SD15_VAE, "text_encoder": SD15_TEXT_ENCODER, "unet": SD15_UNET, "tokenizer": "byte",
                "scheduler": SCHEDULER}
 
+# SDXL base's shapes (stabilityai/stable-diffusion-xl-base-1.0's configs), for random-weight memory reports.
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20], "use_linear_projection": True, "cross_attention_dim": 2048,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT_ENCODER = {**SD15_TEXT_ENCODER, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+                     "projection_dim": 768}
+SDXL_TEXT_ENCODER_2 = {
+    "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "vocab_size": 49408,
+    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+    "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280, "bos_token_id": 0,
+    "eos_token_id": 2, "pad_token_id": 1,
+}
+SDXL_SCHEDULER = {**SCHEDULER, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",
+                  "interpolation_type": "linear", "use_karras_sigmas": False}
+SDXL_RANDOM = {"vae": SDXL_VAE, "text_encoder": SDXL_TEXT_ENCODER, "text_encoder_2": SDXL_TEXT_ENCODER_2,
+               "unet": SDXL_UNET, "tokenizer": "byte", "scheduler": SDXL_SCHEDULER}
+
 
 def paper_scale(stage: str, model: str) -> ml_collections.ConfigDict:
     """The paper-scale run on BG60k at 512 px, shared by both stages (configs/cg_sd15_512, pg_sd15_512)."""
@@ -75,4 +99,15 @@ def paper_scale(stage: str, model: str) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.sample_every = 1000
+    return c
+
+
+def sdxl_1024(stage: str, model: str) -> ml_collections.ConfigDict:
+    """The paper's run on an SDXL base at 1024 px (configs/cg_sdxl_1024, pg_sdxl_1024): FSDP over 8 devices,
+    gradient checkpointing, and on 8 devices one image per device per micro-batch (256 / (8 x 32))."""
+    c = paper_scale(stage, model)
+    c.data.crop.resolution = 1024
+    c.mesh.fsdp = 8
+    c.remat = True
+    c.optim.accum_steps = 32
     return c

@@ -19,11 +19,11 @@ from bgjax.models.configs import ConfigError
 _log = logging.getLogger("bgjax.train")
 
 # Fields (or groups, by prefix) a resume may change. data.dir and data.tfds_data_dir may move: the
-# fingerprint checks the records. mesh and accum_steps lay the same batch out differently (same losses to
-# rounding).
+# fingerprint checks the records. mesh and accum_steps lay the same batch out differently, remat recomputes
+# what it would keep (same losses to rounding).
 HARMLESS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps",
             "num_samples", "peak_tflops", "export_weights", "resume_force", "data.dir", "data.tfds_data_dir",
-            "data.workers", "data.synthetic_num", "data.synthetic_size", "mesh", "optim.accum_steps")
+            "data.workers", "data.synthetic_num", "data.synthetic_size", "mesh", "optim.accum_steps", "remat")
 
 
 def check_latent_cache(latents: dict | None, config, where: str) -> None:
@@ -33,6 +33,19 @@ def check_latent_cache(latents: dict | None, config, where: str) -> None:
                           f"{where} was built at {latents['resolution']} px; cache it again "
                           f"(`bgjax data latents --resolution {config.data.crop.resolution}`) or train at "
                           f"{latents['resolution']}")
+
+
+def check_latent_vae(latents: dict | None, vae_config, where: str) -> None:
+    """A latent cache holds one VAE's latents: the model trained on them must scale them as that VAE does
+    (SD's 0.18215 and SDXL's 0.13025 VAEs do not mix)."""
+    if not latents:
+        return
+    cached = (latents.get("scaling_factor"), latents.get("shift_factor"))
+    if cached != (vae_config.scaling_factor, vae_config.shift_factor):
+        raise ConfigError(f"{where}: the latent cache was encoded by a VAE with scaling_factor {cached[0]} and "
+                          f"shift_factor {cached[1]} ({latents.get('vae')}), but the model's VAE has "
+                          f"{vae_config.scaling_factor} and {vae_config.shift_factor}; cache the data again with "
+                          f"this model's VAE")
 
 
 def _flat(tree, prefix: str = "") -> dict:

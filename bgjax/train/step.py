@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from bgjax.method.text import IDENTIFIERS
 from bgjax.train import sharding
 from bgjax.train.losses import stage_loss
 from bgjax.train.models import StageModels
@@ -40,9 +41,10 @@ def learning_rate(config) -> optax.Schedule:
 
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW with warm-up, global-norm clipping; no weight decay on vectors or identifier embeddings."""
+    tables = {jax.tree_util.DictKey(k) for k in IDENTIFIERS.values()}
+
     def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: x.ndim > 1 and path[0] != jax.tree_util.DictKey("identifiers"), params)
+        return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim > 1 and path[0] not in tables, params)
 
     optim = config.optim
     return optax.chain(
