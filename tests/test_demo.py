@@ -67,11 +67,13 @@ def test_quickstart_notebook_runs(tmp_path):
 def test_train_notebook_trains_generates_and_runs_the_export_in_diffusers(tmp_path):
     """notebooks/train.ipynb at its CPU size: trains CG from the bundled base (a model, a loss curve and two
     sample grids), generates, exports, and runs the export in diffusers from the same initial noise as bgjax:
-    the two agree to a few grey levels on the background (a wrong export, identifier or attention would not)."""
+    bgjax's PyTorch pipeline (issue 19) agrees to within half a grey level on the background (8-bit rounding;
+    a wrong export, identifier, attention or paste-back differs by several)."""
     outputs = _run_notebook("train.ipynb", tmp_path)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert (tmp_path / "runs" / "cg" / "model" / "cg" / "params.safetensors").is_file()
     assert len(list((tmp_path / "runs" / "cg" / "samples").glob("step_*.png"))) == 2
     assert _images(outputs) == 5  # loss curve, two grids, the bgjax row, the diffusers row
     difference = float(re.search(r"mean background difference ([\d.]+) grey levels", text)[1])
-    assert difference < 4.0, text[-2000:]
+    print(f"bgjax vs diffusers in the notebook: {difference:.2f} grey levels")
+    assert difference < 0.5, text[-2000:]
