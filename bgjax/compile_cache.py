@@ -22,10 +22,9 @@ def default_dir() -> Path | None:
 
 
 def enable(cache_dir: Path | None) -> None:
-    """Cache every compiled program that took at least a second to compile in `cache_dir` (None: off)."""
+    """Cache compiled programs in `cache_dir` (None: off). Which ones is JAX's own setting: those that took at
+    least a second to compile, or `$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`."""
     if cache_dir is None:
         return
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

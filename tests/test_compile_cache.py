@@ -18,7 +18,10 @@ def _train(workdir: Path, data: Path, cache: Path, *extra: str) -> None:
     args = [sys.executable, "-m", "bgjax.cli", "train", "--config", str(CONFIG), "--workdir", str(workdir),
             f"--config.data.dir={data}", "--config.data.crop.resolution=32", "--config.data.batch_size=4",
             "--config.num_steps=2", "--config.log_every=1", "--config.checkpoint_every=2", *extra]
-    env = {**os.environ, "BGJAX_COMPILE_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+    # Every program cached, however fast it compiled: with JAX's default (a second or more), a program that
+    # compiles in 0.9 s on the first run and 1.1 s on the second (a loaded machine) would be a new entry.
+    env = {**os.environ, "BGJAX_COMPILE_CACHE": str(cache), "JAX_PLATFORMS": "cpu",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
