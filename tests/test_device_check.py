@@ -25,14 +25,15 @@ def run(tmp_path: Path, phases: str, budget: int = 3000) -> tuple[subprocess.Com
 
 @pytest.mark.slow
 def test_every_phase_runs_at_tiny_size(tmp_path):
-    done, rows = run(tmp_path, "setup blocks denoise train_cg cg_cached train_cg_b32 train_pg peer generate vae")
+    done, rows = run(tmp_path, "setup blocks denoise train_cg cg_cached train_cg_b32 train_pg peer generate vae "
+                               "sdxl_train_cg sdxl_denoise sdxl_peer")
     assert done.returncode == 0, done.stdout + done.stderr
     exits = [line for line in done.stdout.splitlines() if ": exit " in line]
-    assert len(exits) == 10 and all(": exit 0 " in line for line in exits), done.stdout
+    assert len(exits) == 13 and all(": exit 0 " in line for line in exits), done.stdout
     by_what = {}
     for row in rows:
         by_what.setdefault(row["what"], []).append(row)
-    for what in ("train_cg_step", "train_pg_step"):
+    for what in ("train_cg_step", "train_pg_step", "train_cg_step_sdxl"):
         timed = [r for r in by_what[what] if "img_per_s" in r]
         assert timed and all(set(TIMING) <= set(r) for r in timed), by_what[what]
         assert all(r["img_per_s"] > 0 and r["flops"] > 0 and r["total_gib"] > 0 for r in timed)
@@ -42,6 +43,11 @@ def test_every_phase_runs_at_tiny_size(tmp_path):
     assert {r["side"] for r in by_what["denoise_step_cfg"]} == {"bgjax", "peer"}
     assert {r.get("branch") for r in by_what["denoise_step_cfg"] if r["side"] == "bgjax"} == {"controlnet", "cg"}
     assert {r["side"] for r in by_what["train_controlnet_step"]} == {"peer"}
+    # SDXL base (issue 15): both sides' denoise step, the peer's ControlNet step, the trainer's CG step.
+    assert {(r["side"], r.get("branch")) for r in by_what["denoise_step_cfg_sdxl"]} == {
+        ("bgjax", "controlnet"), ("bgjax", "cg"), ("peer", None)}
+    assert [r["side"] for r in by_what["train_controlnet_step_sdxl"]] == ["peer"]
+    assert all(r["remat"] for r in by_what["train_cg_step_sdxl"])
     assert by_what["generate_cg"][0]["img_per_s"] > 0
     profiles = by_what["profile_top_ops"]
     assert len(profiles) == 2 and all(p["top"] and p["total_ms_per_step"] > 0 for p in profiles)

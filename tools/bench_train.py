@@ -1,5 +1,7 @@
-"""The trainer's real CG or PG step (bgjax.train) at SD-1.5 shapes with random weights: compile time, the
-compiled step's memory per device, XLA's FLOPs per step, and (unless --memory-only) img/s, TFLOP/s and MFU.
+"""The trainer's real CG or PG step (bgjax.train) at SD-1.5 shapes (512 px) or SDXL base's (--base sdxl, 1024 px)
+with random weights: compile time, the compiled step's memory per device, XLA's FLOPs per step, and (unless
+--memory-only) img/s, TFLOP/s and MFU. The step is configured by the bundled config of that base and stage
+(cg_sd15_512, cg_sdxl_1024, ...: SDXL's brings gradient checkpointing); trailing --config.x=y override it.
 
 By default batches carry cached VAE latents, as the PyTorch peer's ControlNet step trains on latents;
 --vae encodes the 512 px images inside the step instead. The text encoder runs in every step (CG trains the
@@ -11,10 +13,11 @@ frozen CG beside it (bgjax train's stage 2 adds CG's forward, about 283 GFLOP pe
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python tools/bench_train.py --fsdp 8 --memory-only  # bytes per device with FSDP over 8
     python tools/bench_train.py --size tiny --steps 2    # seconds on a CPU
+    python tools/bench_train.py --base sdxl --batch 8    # the CG step over SDXL base at 1024 px
 
 Prints one JSON line: side, what (train_cg_step / train_pg_step), batch, s_per_step, img_per_s, compile_s,
 device, memory (compiled: argument/output/temp GiB; peak_gib from the allocator where it reports one), flops
-(XLA's, per device and step) and, at SD-1.5 shapes, hand_flops (torch's per-image forward counts: the frozen
+(XLA's, per device and step) and, at full SD-1.5 shapes, hand_flops (torch's per-image forward counts: the frozen
 UNet forward and backward to its inputs, 2x, the trained branch 3x).
 """
 
@@ -47,6 +50,8 @@ UNET_FLOPS_SD15, CONTROLNET_FLOPS_SD15 = 803_273_441_280, 283_291_975_680  # tor
 
 
 def synthetic_batch(models, categories: dict, batch: int, resolution: int, latents: bool, pg: bool) -> dict:
+    """Random images and latents, a product box, the categories' prompts; where each crop came from (SDXL's
+    time ids: the whole image, uncropped)."""
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     rng = np.random.default_rng(0)
     cid = np.arange(batch) % len(categories)
@@ -55,6 +60,7 @@ def synthetic_batch(models, categories: dict, batch: int, resolution: int, laten
     mask[:, resolution // 4: 3 * resolution // 4, resolution // 3: 2 * resolution // 3] = 1
     out = {"image": rng.integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8), "mask": mask,
            "category_id": cid.astype(np.int32), "example_seed": np.arange(batch, dtype=np.uint32),
+           "original_size": np.full((batch, 2), resolution, np.int32), "crop_top_left": np.zeros((batch, 2), np.int32),
            **{k: v[cid] for k, v in tables.items()}}
     if latents:
         shape = (batch, resolution // factor, resolution // factor, 4)
@@ -73,7 +79,8 @@ def phase(name: str, since: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("cg", "pg"), default="cg")
-    p.add_argument("--size", choices=("sd15", "tiny"), default="sd15", help="tiny: a CPU smoke run at 64 px")
+    p.add_argument("--base", choices=("sd15", "sdxl"), default="sd15")
+    p.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: a CPU smoke run at 64 px")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
@@ -83,19 +90,20 @@ def main() -> None:
     p.add_argument("--profile", metavar="DIR", help="a jax.profiler trace of 3 steps in DIR, and its top ops")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="do not use bgjax's persistent compilation cache ($BGJAX_COMPILE_CACHE)")
-    args = p.parse_args()
+    args, overrides = p.parse_known_args()
 
     if args.compile_cache:  # the same programs as the next run's: a second run loads them (issue 14's <= 5 s)
         compile_cache.enable(compile_cache.default_dir())
-    config = load_config(f"{args.stage}_sd15_512", [  # configs bundled with bgjax
-        f"--config.data.batch_size={args.batch}", f"--config.mesh.fsdp={args.fsdp}", "--config.model=''",
-        f"--config.attention={args.attention}"])
-    branch = {args.stage: {}}
-    if args.size == "sd15":
-        config.init = {**presets.SD15_RANDOM, **branch}
+    name = {"sd15": f"{args.stage}_sd15_512", "sdxl": f"{args.stage}_sdxl_1024"}[args.base]  # bundled configs
+    config = load_config(name, [f"--config.data.batch_size={args.batch}", f"--config.mesh.fsdp={args.fsdp}",
+                                "--config.model=''", f"--config.attention={args.attention}",
+                                "--config.optim.accum_steps=1", *overrides])
+    if args.size == "full":
+        config.init = {**(presets.SD15_RANDOM if args.base == "sd15" else presets.SDXL_RANDOM), args.stage: {}}
     else:
-        config.init = {"vae": presets.TINY_VAE, "text_encoder": presets.TINY_TEXT_ENCODER, "unet": presets.TINY_UNET,
-                       args.stage: presets.TINY_BRANCH, "tokenizer": "byte", "scheduler": presets.SCHEDULER}
+        sd15 = {"vae": presets.TINY_VAE, "text_encoder": presets.TINY_TEXT_ENCODER, "unet": presets.TINY_UNET,
+                "tokenizer": "byte", "scheduler": presets.SCHEDULER}
+        config.init = {**(sd15 if args.base == "sd15" else presets.TINY_SDXL_RANDOM), args.stage: presets.TINY_BRANCH}
         config.data.crop.resolution = 64
     if args.stage == "pg":  # a PG stage without a base model: its own random identifiers are not needed
         config.method.identifiers = "shared"
@@ -135,11 +143,13 @@ def main() -> None:
            for k in ("argument", "output", "alias", "temp", "generated_code")}
     gib["total_gib"] = gib["argument_gib"] + gib["output_gib"] - gib["alias_gib"] + gib["temp_gib"]
     flops = program_flops(lowered)
-    row = {"side": "bgjax", "what": f"train_{args.stage}_step", "device": jax.devices()[0].device_kind,
-           "devices": len(jax.devices()), "fsdp": args.fsdp, "batch": args.batch, "attention": args.attention,
+    what = f"train_{args.stage}_step" + ("_sdxl" if args.base == "sdxl" else "")
+    row = {"side": "bgjax", "what": what, "resolution": config.data.crop.resolution, "remat": bool(config.remat),
+           "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "fsdp": args.fsdp,
+           "batch": args.batch, "attention": args.attention,
            "vae_in_step": args.vae, "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
            "compile_cache": bool(args.compile_cache), "flops": flops, **gib}
-    if args.size == "sd15":
+    if args.size == "full" and args.base == "sd15":
         row["hand_flops"] = args.batch * (2 * UNET_FLOPS_SD15 + 3 * CONTROLNET_FLOPS_SD15) / len(jax.devices())
     print(json.dumps({**row, "phase": "compiled"}), flush=True)  # before anything runs: an OOM keeps this line
     if not args.memory_only:

@@ -5,12 +5,14 @@
 #   tools/device_check.sh                              SD-1.5 shapes, every phase (a GPU or TPU host)
 #   PHASES="blocks denoise train_cg" tools/device_check.sh    some phases, in the order given
 #   SIZE=tiny tools/device_check.sh                    the same phases at tiny shapes: minutes on a CPU
+#   PHASES="setup sdxl_train_cg sdxl_denoise sdxl_peer" tools/device_check.sh   SDXL base at 1024 px (issue 15)
 # BUDGET_S (default 540) bounds the whole run: a phase gets at most what is left of it, a phase that would start
 # with under 20 s left is skipped (and says so). Wheels the host lacks (grain, ml_collections, tensorboardX,
 # diffusers, ...) travel in .whl/ and are installed into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-.out}; SIZE=${SIZE:-sd15}; BUDGET_S=${BUDGET_S:-540}
-PHASES=${PHASES:-"setup blocks denoise train_cg cg_cached train_cg_b32 train_pg peer generate vae flags"}
+PHASES=${PHASES:-"setup blocks denoise train_cg cg_cached train_cg_b32 train_pg peer generate vae flags sdxl_train_cg \
+sdxl_denoise sdxl_peer"}
 START=$(date +%s)
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
@@ -23,9 +25,9 @@ export BGJAX_COMPILE_CACHE=${BGJAX_COMPILE_CACHE:-$LOGS/compile_cache}  # shared
 LOG="$OUT/bench.jsonl"; : > "$LOG"
 if [ "$SIZE" = tiny ]; then
   T="--size tiny"; STEPS=2; REPS=2; B=2; B2=4; IB="--train-batch 2 --infer-batch 2 --warm 1"
-  GEN="--num-images 2 --steps 4 --reps 1 --what cg"
+  GEN="--num-images 2 --steps 4 --reps 1 --what cg"; XB="--train-batch 2 --infer-batch 2 --warm 1"; SB=2
 else
-  T=""; STEPS=10; REPS=10; B=16; B2=32; IB=""; GEN="--reps 2"
+  T=""; STEPS=10; REPS=10; B=16; B2=32; IB=""; GEN="--reps 2"; XB="--train-batch 4 --infer-batch 4"; SB=4
 fi
 
 phase() {  # phase NAME LIMIT COMMAND...: JSON lines to $LOG (and shortened here), progress lines here
@@ -70,6 +72,11 @@ bgjax.sampling.pipeline; import json; print(json.dumps({'what': 'setup', 'jax': 
         XLA_FLAGS="${XLA_FLAGS:-} $f" phase "flags${f%%=*}" 100 python3 tools/bench.py $T $IB --no-peer --what denoise \
           --reps "$REPS"
       done ;;
+    sdxl_train_cg) phase sdxl_train_cg 420 python3 tools/bench_train.py --base sdxl $T --stage cg --batch $SB --steps 3 ;;
+    sdxl_denoise) phase sdxl_denoise 240 python3 tools/bench.py --base sdxl $T $XB --no-peer --what denoise,vae \
+      --reps "$REPS" ;;
+    sdxl_peer) phase sdxl_peer 240 python3 tools/bench.py --base sdxl $T $XB --no-bgjax --what train,denoise \
+      --no-torch-compile --reps "$REPS" ;;
     *) echo "unknown phase $p" ;;
   esac
 done

@@ -79,6 +79,18 @@ SDXL_SCHEDULER = {**SCHEDULER, "_class_name": "EulerDiscreteScheduler", "timeste
                   "interpolation_type": "linear", "use_karras_sigmas": False}
 SDXL_RANDOM = {"vae": SDXL_VAE, "text_encoder": SDXL_TEXT_ENCODER, "text_encoder_2": SDXL_TEXT_ENCODER_2,
                "unet": SDXL_UNET, "tokenizer": "byte", "scheduler": SDXL_SCHEDULER}
+# SDXL's structure at tiny shapes (both encoders, the added "text_time" embedding, deeper transformers at the
+# lower level): CPU rehearsals of the SDXL benchmarks.
+TINY_SDXL_UNET = {
+    **TINY_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 2],
+    "use_linear_projection": True, "cross_attention_dim": 128, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+TINY_SDXL_TEXT_ENCODER_2 = {**TINY_TEXT_ENCODER, "architectures": ["CLIPTextModelWithProjection"],
+                            "hidden_act": "gelu", "projection_dim": 32}
+TINY_SDXL_RANDOM = {"vae": TINY_VAE, "text_encoder": TINY_TEXT_ENCODER, "text_encoder_2": TINY_SDXL_TEXT_ENCODER_2,
+                    "unet": TINY_SDXL_UNET, "tokenizer": "byte", "scheduler": SDXL_SCHEDULER}
 
 
 def paper_scale(stage: str, model: str) -> ml_collections.ConfigDict:
