@@ -70,34 +70,33 @@ def latents() -> np.ndarray:
     return np.random.default_rng(1).standard_normal((NUM, HEIGHT // 2, WIDTH // 2, 4)).astype(np.float32)
 
 
-def _diffusers(pipe: StableDiffusionXLPipeline, sampler: str, latents: np.ndarray, negative: str | None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(final latents NHWC, images in [0, 1]) of one diffusers call: output_type="latent" for the latents (what
-    the pipeline returns undecoded), "np" for the images."""
+def _diffusers(pipe: StableDiffusionXLPipeline, sampler: str, latents: np.ndarray, negative: str | None,
+               output_type: str) -> np.ndarray:
+    """One diffusers call: the final latents (NHWC) for output_type="latent" (what the pipeline returns
+    undecoded), the images in [0, 1] for "np"."""
     pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)  # how a diffusers user switches
-    common = dict(prompt=PROMPT, negative_prompt=negative, latents=torch.from_numpy(nchw(latents)),
-                  num_images_per_prompt=len(latents), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                  height=HEIGHT, width=WIDTH)
     with torch.no_grad():
-        final = pipe(**common, output_type="latent").images
-        images = pipe(**common, output_type="np").images
-    return nhwc(final), np.asarray(images, np.float32)
+        out = pipe(prompt=PROMPT, negative_prompt=negative, latents=torch.from_numpy(nchw(latents)),
+                   num_images_per_prompt=len(latents), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                   height=HEIGHT, width=WIDTH, output_type=output_type).images
+    return nhwc(out) if output_type == "latent" else np.asarray(out, np.float32)
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_text_to_image_matches_stable_diffusion_xl_pipeline(pipe, reference, latents, sampler):
+    """Final latents for each kind of negative prompt; the decoded images for one (the decode is the same)."""
     common = dict(latents=latents, num_images=NUM, steps=STEPS, guidance=GUIDANCE, sampler=sampler, width=WIDTH,
                   height=HEIGHT)
     ours = {}
     for name, negative in NEGATIVES.items():
-        x = pipe.text_to_image(PROMPT, negative_prompt=negative, output_type="latent", **common)
-        images = pipe.text_to_image(PROMPT, negative_prompt=negative, output_type="np", **common)
-        ref_x, ref_images = _diffusers(reference, sampler, latents, negative)
-        err, image_err = rel_err(x, ref_x), float(np.abs(images - ref_images).max())
-        print(f"SDXL text_to_image {sampler}, {name} negative prompt: latents rel err {err:.2e}, "
-              f"images max abs err {image_err:.2e}")
-        assert err <= TOL and image_err <= TOL, (sampler, name)
-        ours[name] = x
+        ours[name] = pipe.text_to_image(PROMPT, negative_prompt=negative, output_type="latent", **common)
+        err = rel_err(ours[name], _diffusers(reference, sampler, latents, negative, "latent"))
+        print(f"SDXL text_to_image {sampler}, {name} negative prompt: final latents rel err {err:.2e}")
+        assert err <= TOL, (sampler, name)
+    images = pipe.text_to_image(PROMPT, negative_prompt=NEGATIVE, output_type="np", **common)
+    image_err = float(np.abs(images - _diffusers(reference, sampler, latents, NEGATIVE, "np")).max())
+    print(f"SDXL text_to_image {sampler}: images max abs err {image_err:.2e}")
+    assert images.shape == (NUM, HEIGHT, WIDTH, 3) and image_err <= TOL
     # Each unconditional pass is its own: zeros (no negative prompt) are not the encoded "" nor the negative.
     assert rel_err(ours["none"], ours["empty"]) > 1e-2 and rel_err(ours["none"], ours["negative"]) > 1e-2
 
