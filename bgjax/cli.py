@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
     p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")
     p.add_argument("--prompt", help="replaces the method's prompt template; {category} becomes the category")
-    p.add_argument("--negative-prompt", default="", help="the unconditional pass's prompt (default: empty)")
+    p.add_argument("--negative-prompt", help="the unconditional pass's prompt (default: none: the empty prompt, or "
+                                             "zeros for an SDXL model whose model_index.json says "
+                                             "force_zeros_for_empty_prompt, as diffusers)")
     p.add_argument("--size", type=int, help="working resolution: a photo's longer side, a cut-out's square "
                                             "canvas (default: the model's resolution)")
     p.add_argument("--width", type=int, help="the canvas width in pixels: a photo is fitted into width x height "

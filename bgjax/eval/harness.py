@@ -267,7 +267,8 @@ class _Run:
                     with warnings.catch_warnings():  # printed once per variant below, recorded in the sidecars
                         warnings.simplefilter("ignore", UserWarning)
                         images = pipe.generate(prepared, per_item, _item_seed(a.seed, item.id), a.steps, a.guidance,
-                                               a.lambda_cg, a.lambda_pg, a.sampler, a.batch_size)
+                                               a.lambda_cg, a.lambda_pg, a.sampler, a.batch_size,
+                                               negative_prompt="")  # as recorded (SDXL: encoded, not zeros)
                 except ValueError as e:
                     counts["items_failed"] += 1
                     self.errors.append({"variant": variant, "id": item.id, "reason": str(e)})

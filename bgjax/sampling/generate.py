@@ -142,7 +142,8 @@ class _Run:
             model=self.fingerprint, sampler=a.sampler, steps=a.steps, guidance=float(a.guidance),
             lambda_cg=a.lambda_cg, lambda_pg=a.lambda_pg, style_guidance=bool(a.style_guidance), size=a.size,
             width=a.width, height=a.height, placement=tuple(a.placement) if a.placement else None, dtype=a.dtype,
-            prompt=a.prompt, negative_prompt=a.negative_prompt or "", seed=item.seed, image_format=a.image_format,
+            prompt=a.prompt, negative_prompt=self.pipe.unconditional(a.negative_prompt), seed=item.seed,
+            image_format=a.image_format,
             quality=a.quality)
 
     def prepare(self, item: Item) -> Prepared:
@@ -172,7 +173,7 @@ class _Run:
                 warnings.simplefilter("ignore", UserWarning)
                 images = self.pipe.generate(prepared, item.num_images, item.seed, a.steps, a.guidance, a.lambda_cg,
                                             a.lambda_pg, a.sampler, a.batch_size, a.style_guidance,
-                                            prompt=a.prompt, negative_prompt=a.negative_prompt or "")
+                                            prompt=a.prompt, negative_prompt=a.negative_prompt)
             self.write(item, prepared, images, outputs, settings, notes)
             self.items, self.images = self.items + 1, self.images + len(images)
         if self.args.contact_sheet:

@@ -11,8 +11,9 @@ Three stages:
 3. host: resize back to the output size and paste the product through a feathered mask.
 
 `text_to_image` is plain Stable Diffusion on the same program (the UNet alone, or with the model's
-converted ControlNet), the counterpart of diffusers' StableDiffusion(ControlNet)Pipeline; arrays are
-NHWC where diffusers' are NCHW.
+converted ControlNet), the counterpart of diffusers' StableDiffusion(ControlNet)Pipeline, and of
+StableDiffusionXL(ControlNet)Pipeline on an SDXL model (one with `text_encoder_2/`); arrays are NHWC where
+diffusers' are NCHW.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from bgjax import model_dir
 from bgjax.data.images import load_image
 from bgjax.method.config import MethodConfig
 from bgjax.method.denoiser import Denoiser, load_denoiser
-from bgjax.method.prompt_text import CategoryVocabulary, PromptBuilder
-from bgjax.method.store import load_method
+from bgjax.method.prompt_text import CategoryVocabulary, Prompt, PromptBuilder
+from bgjax.method.store import load_identifier_tables, load_method
+from bgjax.method.text import SDXL_ZEROS_FOR_EMPTY_PROMPT, zeros_for_empty_prompt
 from bgjax.models.attention import Implementation
 from bgjax.models.configs import read_config_json
 from bgjax.models.region import RegionMode
@@ -58,28 +60,35 @@ class BackgroundPipeline:
 
     def __init__(self, model: Path, models: Models, params: dict, tokenizer, scheduler_config: dict,
                  config: MethodConfig, categories: list[str] | None, controlnet: nn.Module | None = None,
-                 cg_source: str = "cg", *, base_model: bool | None = None):
+                 cg_source: str = "cg", *, base_model: bool | None = None, tokenizer_2=None,
+                 zeros_for_empty_prompt: bool = SDXL_ZEROS_FOR_EMPTY_PROMPT):
         """Usually called by `from_pretrained`. `params`: {"denoiser": {"unet", "cg", "pg"}, "text_encoder",
         "vae", "identifiers": the (categories or 1, hidden) table, or None for a base model, and "controlnet"
-        with `controlnet`, a plain ControlNet (a converted `controlnet/`) for `text_to_image(control_image=)`}.
+        with `controlnet`, a plain ControlNet (a converted `controlnet/`) for `text_to_image(control_image=)`};
+        an SDXL model (`models.text_encoder_2`) adds "text_encoder_2" and "identifiers_2", and `tokenizer_2`.
         `base_model`: whether a category is only words of the prompt (default: no identifiers and no
-        categories; a variant keeps its original's, so switching identifiers off on purpose is silent)."""
+        categories; a variant keeps its original's, so switching identifiers off on purpose is silent).
+        `zeros_for_empty_prompt`: SDXL's `force_zeros_for_empty_prompt` (model_index.json's; unused for SD)."""
         self.model = Path(model)
         self.models, self.config, self.controlnet = models, config, controlnet
+        self.sdxl = models.text_encoder_2 is not None
+        self.zeros_for_empty_prompt = zeros_for_empty_prompt
         # What sits in the CG slot: "cg" (the paper's branch) or "controlnet" (the converted ControlNet, which
         # like every diffusers ControlNet takes its image in [0, 1]).
         self.cg_source = cg_source
         self.scheduler_config = scheduler_config
         self.vocabulary = CategoryVocabulary(categories) if categories else None
-        self.prompts = PromptBuilder(tokenizer, config, models.text_encoder.config.max_position_embeddings)
+        self.prompts = PromptBuilder(tokenizer, config, models.text_encoder.config.max_position_embeddings,
+                                     tokenizer_2=tokenizer_2)
         unet_cfg = models.denoiser.unet.config
         self.vae_factor = models.vae_factor
         # Working sizes are multiples of this, so the latents divide through the UNet's downsamplers.
         self.granularity = self.vae_factor * 2 ** (len(unet_cfg.block_out_channels) - 1)
         self.resolution = int(unet_cfg.raw.get("sample_size", 64)) * self.vae_factor
-        if models.text_encoder.config.hidden_size != unet_cfg.cross_attention_dim:
-            raise ValueError(f"{model}: the text encoder's hidden size {models.text_encoder.config.hidden_size} is "
-                             f"not the UNet's cross_attention_dim {unet_cfg.cross_attention_dim}")
+        hidden = sum(m.config.hidden_size for _, m in models.text_encoders.encoders)
+        if hidden != unet_cfg.cross_attention_dim:
+            raise ValueError(f"{model}: the text encoders' hidden size {hidden} is not the UNet's "
+                             f"cross_attention_dim {unet_cfg.cross_attention_dim}")
         for branch in (models.denoiser.cg, models.denoiser.pg):
             if branch is not None and 2 ** (len(branch.config.conditioning_embedding_out_channels) - 1) != \
                     self.vae_factor:
@@ -101,16 +110,22 @@ class BackgroundPipeline:
         denoiser, denoiser_params, config = load_denoiser(model, dtype, dtype, attention)
         text_encoder, text_params = model_dir.load_component(model, "text_encoder", dtype, dtype, attention=attention)
         vae, vae_params = model_dir.load_component(model, "vae", dtype, dtype, attention=attention)
-        categories, identifiers = None, None
+        params = {"denoiser": denoiser_params, "text_encoder": text_params, "vae": vae_params, "identifiers": None}
+        categories, text_encoder_2, tokenizer_2 = None, None, None
         if (model / "method.json").is_file():
-            _, categories, identifiers = load_method(model)
-        params = {"denoiser": denoiser_params, "text_encoder": text_params, "vae": vae_params,
-                  "identifiers": identifiers}
+            _, categories, _ = load_method(model)
+            params.update(load_identifier_tables(model))
+        if "text_encoder_2" in model_dir.components(model):  # SDXL
+            text_encoder_2, params["text_encoder_2"] = model_dir.load_component(model, "text_encoder_2", dtype, dtype,
+                                                                                attention=attention)
+            tokenizer_2 = load_tokenizer(model / "tokenizer_2")
         controlnet = None
         if "controlnet" in model_dir.components(model):
             controlnet, params["controlnet"] = model_dir.load_component(model, "controlnet", dtype, dtype)
-        return cls(model, Models(denoiser, text_encoder, vae), params, load_tokenizer(model / "tokenizer"),
-                   read_config_json(model / "scheduler" / "scheduler_config.json"), config, categories, controlnet)
+        return cls(model, Models(denoiser, text_encoder, vae, text_encoder_2), params,
+                   load_tokenizer(model / "tokenizer"), read_config_json(model / "scheduler" / "scheduler_config.json"),
+                   config, categories, controlnet, tokenizer_2=tokenizer_2,
+                   zeros_for_empty_prompt=zeros_for_empty_prompt(model))
 
     def variant(self, cg: bool = True, pg: bool = True, identifiers: bool = True,
                 cg_region_mode: RegionMode | None = None,
@@ -129,7 +144,7 @@ class BackgroundPipeline:
         """
         d = self.models.denoiser
         cg_module = d.cg if cg else None
-        params = {**self.params, "identifiers": self.params["identifiers"] if identifiers else None}
+        params = self.params if identifiers else {**self.params, "identifiers": None, "identifiers_2": None}
         if controlnet:
             if self.controlnet is None:
                 raise ValueError(f"controlnet: {self.model} has no controlnet/")
@@ -143,7 +158,22 @@ class BackgroundPipeline:
         return type(self)(self.model, dataclasses.replace(self.models, denoiser=denoiser), params,
                           self.prompts.tokenizer, self.scheduler_config, self.config, categories, self.controlnet,
                           "controlnet" if controlnet else self.cg_source if cg else "cg",
-                          base_model=self.inputs.base_model)
+                          base_model=self.inputs.base_model, tokenizer_2=self.prompts.tokenizer_2,
+                          zeros_for_empty_prompt=self.zeros_for_empty_prompt)
+
+    def unconditional(self, negative_prompt: str | None) -> str | None:
+        """What the unconditional pass encodes: None where it is zeros (an SDXL model whose
+        `force_zeros_for_empty_prompt` holds, given no negative prompt; "" is encoded, as in diffusers), else
+        the negative prompt ("" for None)."""
+        if negative_prompt is None and self.sdxl and self.zeros_for_empty_prompt:
+            return None
+        return "" if negative_prompt is None else negative_prompt
+
+    def _conditions(self, prompt: Prompt, negative_prompt: str | None, identifier_row: int, mask: np.ndarray,
+                    cg_cond: np.ndarray | None, pg_cond: np.ndarray | None) -> Conditions:
+        negative = self.unconditional(negative_prompt)
+        return Conditions(prompt, self.inputs.negative("" if negative is None else negative), identifier_row, mask,
+                          cg_cond, pg_cond, zero_negative=negative is None)
 
     @property
     def has_cg(self) -> bool:
@@ -174,7 +204,7 @@ class BackgroundPipeline:
     def generate(self, prepared: Prepared, num_images: int = 4, seed: int = 0, steps: int = 25,
                  guidance: float = 7.5, lambda_cg: float | None = None, lambda_pg: float | None = None,
                  sampler: str = "dpmpp_2m", batch_size: int | None = None,
-                 style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str = "",
+                 style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str | None = None,
                  latents: np.ndarray | None = None, output_type: str = "pil") -> list[Image.Image] | np.ndarray:
         """Images 0 .. num_images - 1 of `seed` for prepared inputs. Image k is the same whatever
         `num_images`, `batch_size` and the device count (up to float rounding).
@@ -186,8 +216,9 @@ class BackgroundPipeline:
 
         `prompt` replaces the method's template (`{category}` becomes the category and marks the
         product span, `{identifier}` the learned identifier); `negative_prompt` is the unconditional
-        pass's prompt; `latents` (num_images, h/f, w/f, C), NHWC, replace the seeded noise (as
-        diffusers' `latents=`, they are scaled by the sampler's initial sigma). `output_type`: "pil" (a list
+        pass's prompt (None: the empty one, or zeros on SDXL as diffusers, see `unconditional`); `latents`
+        (num_images, h/f, w/f, C), NHWC, replace the seeded noise (as diffusers' `latents=`, they are scaled by
+        the sampler's initial sigma). `output_type`: "pil" (a list
         of images) or "np" ((N, H, W, 3) float32 in [0, 1], the product pasted back, before rounding)."""
         _check_output_type(output_type)
         for note in self.warnings(prepared, lambda_cg, lambda_pg, prompt):
@@ -196,24 +227,24 @@ class BackgroundPipeline:
         cg_cond = prepared.cg_cond if self.has_cg else None
         if cg_cond is not None and self.cg_source == "controlnet":
             cg_cond = (cg_cond + prepared.mask[..., None]) / 2  # I * M with I in [0, 1]
-        conditions = Conditions(self.inputs.prompt(prepared, prompt), self.inputs.negative(negative_prompt),
-                                prepared.identifier_row, prepared.mask, cg_cond,
-                                prepared.pg_cond if pg_scale is not None else None)
+        conditions = self._conditions(self.inputs.prompt(prepared, prompt), negative_prompt, prepared.identifier_row,
+                                      prepared.mask, cg_cond, prepared.pg_cond if pg_scale is not None else None)
         settings = SamplingSettings(sampler, steps, guidance, cg_scale, pg_scale, 0.0 if style_guidance else None)
         _, images = program.run(self.models, self.params, self.mesh, self.scheduler_config, settings, conditions,
                                 num_images, seed, batch_size, latents)
         return _output(host.paste_back(images, prepared), output_type)
 
-    def text_to_image(self, prompt: str, *, negative_prompt: str = "", latents: np.ndarray | None = None,
+    def text_to_image(self, prompt: str, *, negative_prompt: str | None = None, latents: np.ndarray | None = None,
                       num_images: int = 1, seed: int = 0, steps: int = 25, guidance: float = 7.5,
                       sampler: str = "dpmpp_2m", width: int | None = None, height: int | None = None,
                       control_image: ImageLike | None = None, controlnet_conditioning_scale: float = 1.0,
                       output_type: str = "pil", batch_size: int | None = None):
         """Plain Stable Diffusion, as diffusers' `StableDiffusionPipeline(prompt=..., negative_prompt=...,
-        latents=...)`: the UNet alone (no CG, PG or identifiers), the prompt as written.
+        latents=...)` (`StableDiffusionXLPipeline` on an SDXL model, its added time ids from the output size and
+        no crop): the UNet alone (no CG, PG or identifiers), the prompt as written.
 
         With `control_image` the model's plain ControlNet (a converted `controlnet/`) runs as in
-        `StableDiffusionControlNetPipeline`: the image (resized to the output size) in [0, 1], its
+        `StableDiffusion(XL)ControlNetPipeline`: the image (resized to the output size) in [0, 1], its
         residuals scaled by `controlnet_conditioning_scale`. `latents` are NHWC (diffusers: NCHW).
         `output_type`: "pil" (a list of images), "np" ((N, H, W, 3) float32 in [0, 1]) or "latent"
         (the final latents, (N, h, w, C) NHWC)."""
@@ -234,9 +265,9 @@ class BackgroundPipeline:
                 colour = colour.resize(size, Image.Resampling.LANCZOS)  # diffusers' image processor resamples alike
             cond = np.asarray(colour, np.float32) / 255
         models = dataclasses.replace(self.models, denoiser=denoiser)
-        params = {**self.params, "denoiser": branch, "identifiers": None}
-        conditions = Conditions(self.inputs.plain(prompt), self.inputs.negative(negative_prompt), 0,
-                                np.ones(size[::-1], np.float32), cond, None)
+        params = {**self.params, "denoiser": branch, "identifiers": None, "identifiers_2": None}
+        conditions = self._conditions(self.inputs.plain(prompt), negative_prompt, 0, np.ones(size[::-1], np.float32),
+                                      cond, None)
         settings = SamplingSettings(sampler, steps, guidance, float(controlnet_conditioning_scale))
         x, images = program.run(models, params, self.mesh, self.scheduler_config, settings, conditions, num_images,
                                 seed, batch_size, latents)
@@ -248,7 +279,7 @@ class BackgroundPipeline:
                  lambda_cg: float | None = None, lambda_pg: float | None = None, sampler: str = "dpmpp_2m",
                  size: int | None = None, placement: Sequence[float] = DEFAULT_PLACEMENT,
                  feather: int | None = None, batch_size: int | None = None,
-                 style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str = "",
+                 style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str | None = None,
                  latents: np.ndarray | None = None, width: int | None = None, height: int | None = None,
                  output_type: str = "pil") -> list[Image.Image] | np.ndarray:
         """`num_images` images of the product on generated backgrounds; see `prepare` (`host.Inputs.prepare`)

@@ -5,6 +5,10 @@ over the local devices.
 It knows nothing of files or photos: it takes the `Models`, their params, a `SamplingSettings` and the
 conditions at the working size (`Conditions`), and returns latents and images in [0, 1]. The host side
 (`bgjax.sampling.host`) makes the conditions and pastes the product back.
+
+SDXL (a second text encoder) conditions as `StableDiffusionXLPipeline` does: the context and pooled embedding
+of `bgjax.method.text.TextEncoders`, zeros for the unconditional pass where the pipeline zeros it, and time ids
+(original size, crop corner (0, 0), target size) at the working size, for the UNet and the branches alike.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from jax.sharding import PartitionSpec as P
 
 from bgjax.method.denoiser import Denoiser
 from bgjax.method.prompt_text import Prompt
-from bgjax.method.prompts import embed_with_identifiers
+from bgjax.method.text import IDENTIFIERS, TextEncoders
 from bgjax.models.region import Region
+from bgjax.models.unet import AddedCond
 from bgjax.sampling import memory
 from bgjax.sampling.schedulers import Sampler, make_sampler
 
@@ -44,6 +49,11 @@ class Models:
     denoiser: Denoiser
     text_encoder: nn.Module
     vae: nn.Module
+    text_encoder_2: nn.Module | None = None  # SDXL's second text encoder
+
+    @property
+    def text_encoders(self) -> TextEncoders:
+        return TextEncoders.of({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2})
 
     @property
     def vae_factor(self) -> int:
@@ -81,13 +91,16 @@ class Conditions:
     mask: np.ndarray  # (h, w) float32 M
     cg_cond: np.ndarray | None  # (h, w, C) the CG slot's image; None: CG does not run
     pg_cond: np.ndarray | None  # (h, w, 3) c_pg; None: PG does not run
+    zero_negative: bool = False  # SDXL: the unconditional context and pooled embedding are zeros
 
     def prompt_arrays(self) -> dict[str, np.ndarray]:
         """Row 0 the conditional, row 1 the unconditional prompt."""
-        arrays = {k: np.stack([getattr(self.prompt, k), getattr(self.negative, k)])
-                  for k in ("input_ids", "fg_tokens", "bg_tokens")}
+        keys = ("input_ids", "fg_tokens", "bg_tokens") + (("input_ids_2",) if self.prompt.input_ids_2 is not None
+                                                           else ())
+        arrays = {k: np.stack([getattr(self.prompt, k), getattr(self.negative, k)]) for k in keys}
         arrays["identifier_index"] = np.array([self.prompt.identifier_index, -1], np.int32)
-        arrays["identifier_rows"] = np.array([self.identifier_row, 0], np.int32)
+        arrays["identifier_row"] = np.array([self.identifier_row, 0], np.int32)
+        arrays["zeroed"] = np.array([False, self.zero_negative])
         return arrays
 
 
@@ -97,15 +110,20 @@ def _sampler(name: str, scheduler_json: str, steps: int) -> Sampler:
     return make_sampler(name, json.loads(scheduler_json), steps)
 
 
-def encode_prompts(models: Models, params: dict, prompts: dict) -> jax.Array:
-    """Text-encoder hidden states (2, L, D) of the conditional and the unconditional prompt."""
-    text = {"params": params["text_encoder"]}
-    if params["identifiers"] is None:  # a base model: the placeholder stays an ordinary token
-        return models.text_encoder.apply(text, prompts["input_ids"])
-    table = params["text_encoder"]["text_model"]["embeddings.token_embedding"]["embedding"]
-    embeds = embed_with_identifiers(table, prompts["input_ids"], prompts["identifier_index"], params["identifiers"],
-                                    prompts["identifier_rows"])
-    return models.text_encoder.apply(text, prompts["input_ids"], embeds)
+def encode_prompts(models: Models, params: dict, prompts: dict) -> tuple[jax.Array, jax.Array | None]:
+    """(context (2, L, D), SDXL's pooled embedding (2, P) or None) of the conditional and the unconditional
+    prompt; the unconditional row zeroed where `prompts["zeroed"]` says. Without identifier tables (None: a
+    base model, or a variant without them) the placeholder stays an ordinary token."""
+    encoders = models.text_encoders
+    names = (*encoders.kinds, *(IDENTIFIERS[k] for k in encoders.kinds))
+    text = encoders({k: params[k] for k in names if params.get(k) is not None}, prompts).zeroed(prompts["zeroed"])
+    return text.context, text.pooled
+
+
+def time_ids(height: int, width: int) -> np.ndarray:
+    """SDXL's added time ids of a generation at (height, width) px: original size, crop corner, target size,
+    as `StableDiffusionXLPipeline` makes them by default (original = target = the output size, no crop)."""
+    return np.array([height, width, 0, 0, height, width], np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("models", "sampler"))
@@ -136,7 +154,10 @@ def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: 
     def pair_prompts(a: jax.Array) -> jax.Array:  # (2, ...) cond / uncond -> (2B, ...)
         return jnp.broadcast_to(a, (batch, *a.shape)).reshape(2 * batch, *a.shape[1:])
 
-    context = pair_prompts(encode_prompts(models, params, prompts))
+    context, pooled = encode_prompts(models, params, prompts)
+    context = pair_prompts(context)
+    added = None if pooled is None else AddedCond(
+        pair_prompts(pooled), jnp.broadcast_to(time_ids(height, width), (2 * batch, 6)))
     region = Region(pair(mask), pair_prompts(prompts["fg_tokens"]), pair_prompts(prompts["bg_tokens"]))
     cg2 = None if cg_cond is None else pair(cg_cond)
     pg2 = None if pg_cond is None else pair(pg_cond)
@@ -145,7 +166,7 @@ def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: 
     def step(carry, i):
         x, state = carry
         out = models.denoiser(params["denoiser"], pair(sampler.scale_model_input(x, i)), sampler.timestep(i), context,
-                              region, cg2, pg2, lambda_cg, pg_scales).reshape(batch, 2, *x.shape[1:])
+                              region, cg2, pg2, lambda_cg, pg_scales, added).reshape(batch, 2, *x.shape[1:])
         eps = out[:, 1] + guidance * (out[:, 0] - out[:, 1])
         noise = None
         if sampler.name == "ddpm":

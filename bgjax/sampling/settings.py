@@ -52,7 +52,7 @@ class GenerationSettings:
     placement: tuple[float, float, float] | None  # of a cut-out; None: the default
     dtype: str
     prompt: str | None  # None: the method's template
-    negative_prompt: str
+    negative_prompt: str | None  # None: the unconditional pass is zeros (SDXL, `BackgroundPipeline.unconditional`)
     seed: int
     image_format: str = "png"
     quality: int = 95

@@ -169,8 +169,6 @@ def _run(config, workdir: Path, data: TrainingData, checkpoints: Checkpoints, st
     # A resume restores the trained params, so they are only shapes here.
     models, trained, frozen = load_stage(config, data.categories, dtype, workdir, shapes_only=start is not None)
     check_latent_vae(data.latents, models.vae.config, data.where)
-    if config.sample_every and models.text_encoder_2 is not None:
-        raise ConfigError("config.sample_every: sample grids of SDXL models are not supported yet; set it to 0")
     tables = models.prompt_tables(data.categories) if models.prompts else {}
     empty = {k: v[0] for k, v in models.prompts.batch([""], empty=True).items()} if models.prompts else None
     batches = data_iterator(config, data, tables)

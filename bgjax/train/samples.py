@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from bgjax.data.dataset import TrainingData, open_records
 from bgjax.data.images import decode_mask, decode_rgb
+from bgjax.method.text import IDENTIFIERS
 from bgjax.sampling.pipeline import BackgroundPipeline, Models
 from bgjax.train.models import StageModels
 
@@ -45,12 +46,16 @@ def validation_set(data: TrainingData | Path, num: int) -> list[dict]:
 
 def sample_grid(models: StageModels, params: dict, items: list[dict], steps: int, seed: int = 0) -> Image.Image:
     """Generate with host `params` (every component's) and tile the rows. PG rows use the next item
-    as the style reference."""
+    as the style reference. The unconditional pass is the empty prompt's, or zeros where an SDXL model's
+    dropped prompts were zeros in training (`StageModels.zeros_for_empty_prompt`)."""
     denoiser = {k: params[k] for k in ("unet", "cg", "pg") if k in params}
-    pipe = BackgroundPipeline(Path("."), Models(models.denoiser, models.text_encoder, models.vae),
-                              {"denoiser": denoiser, "text_encoder": params["text_encoder"], "vae": params["vae"],
-                               "identifiers": params.get("identifiers")},
-                              models.prompts.tokenizer, models.configs["scheduler"], models.method, models.categories)
+    text = {k: params.get(k) for k in ("text_encoder", "text_encoder_2", *IDENTIFIERS.values())}
+    modules = Models(models.denoiser, models.text_encoder, models.vae, models.text_encoder_2)
+    pipe = BackgroundPipeline(Path("."), modules,
+                              {"denoiser": denoiser, "vae": params["vae"], **text}, models.prompts.tokenizer,
+                              models.configs["scheduler"], models.method, models.categories,
+                              tokenizer_2=models.prompts.tokenizer_2,
+                              zeros_for_empty_prompt=models.zeros_for_empty_prompt)
     rows = []
     side = max(pipe.resolution, MIN_CELL)
     for i, item in enumerate(items):
