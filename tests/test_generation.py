@@ -276,9 +276,16 @@ def test_prompt_negative_prompt_and_latents(pipe, photo):
     # (the Euler sampler's initial sigma is not 1, so unscaled latents would not).
     noise = np.stack([np.asarray(jax.random.normal(jax.random.split(jax.random.fold_in(jax.random.key(0), k))[0],
                                                    (16, 16, 4))) for k in range(2)])
-    np.testing.assert_array_equal(_arrays(pipe(photo["image"], photo["mask"], "lamp", latents=noise, **args)), base)
+    # Noise drawn inside the program and noise passed in compile to differently fused programs: a pixel may round
+    # to the next grey level (4 of 13824 on one CPU, none on another); other noise moves every pixel.
+    def same(a: np.ndarray, b: np.ndarray) -> None:
+        diff = np.abs(a.astype(int) - b)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+    same(_arrays(pipe(photo["image"], photo["mask"], "lamp", latents=noise, **args)), base)
     other = _arrays(pipe(photo["image"], photo["mask"], "lamp", latents=noise[::-1], **args))
-    np.testing.assert_array_equal(other[0], base[1])
+    same(other[0], base[1])
+    assert np.abs(other[0].astype(int) - base[0]).max() > 1
     with pytest.raises(ValueError, match=r"latents: expected NHWC shape \(2, 16, 16, 4\)"):
         pipe(photo["image"], photo["mask"], "lamp", latents=noise[:, :8], **args)
 
