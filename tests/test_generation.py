@@ -331,7 +331,7 @@ def test_transformers5_tokenizer_generates_alike(model, pipe, photo, tmp_path):
         _arrays(pipe(photo["image"], photo["mask"], "lamp", **args)))
 
 
-def test_every_setting_keys_the_cache(model, tmp_path):
+def test_every_setting_keys_the_cache(model, pipe, tmp_path):
     import argparse
     import types
 
@@ -350,7 +350,7 @@ def test_every_setting_keys_the_cache(model, tmp_path):
     def settings(argv: list[str], seed: int = 0, fingerprint: str = "m") -> GenerationSettings:
         args: argparse.Namespace = build_parser().parse_args(argv)
         item = Item(None, {"product": "p.png", "category": "lamp"}, tmp_path, seed, 1)
-        return _Run.settings(types.SimpleNamespace(args=args, fingerprint=fingerprint), item)
+        return _Run.settings(types.SimpleNamespace(args=args, fingerprint=fingerprint, pipe=pipe), item)
 
     reference = settings(base)
     assert settings(base) == reference and settings(base).key() == reference.key()

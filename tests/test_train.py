@@ -119,8 +119,12 @@ def test_two_processes_match_one(tmp_path, data_dir):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
     ref, got = (load_file(d / "model" / "cg" / "params.safetensors") for d in (single, multi))
+    # Per tensor within 1e-5 of its norm, per element within 1e-5 (1 % of one step's Adam update at lr 1e-3):
+    # the two programs reduce in another order, and Adam's normalisation can turn a last-bit gradient difference
+    # into 1.2e-6 on one element (seen on one CPU), while a process that trained on other data moves them all.
     for k in ref:
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        assert np.linalg.norm(got[k] - ref[k]) <= 1e-5 * np.linalg.norm(ref[k]), k
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-5, err_msg=k)
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, data_dir, capsys):
