@@ -82,14 +82,17 @@ class Shapes:
         return self.unet["projection_class_embeddings_input_dim"] - 6 * self.unet["addition_time_embed_dim"]
 
 
+def _constructor_args(config: dict) -> dict:
+    """A config.json dict without its "_class_name"-style keys, for the diffusers model's constructor."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def shapes_of(base: str, size: str) -> Shapes:
     if base == "sd15":
         return Shapes(SD15_UNET, SD15_VAE, 64, hand_flops=True) if size == "full" else Shapes(TINY_UNET, TINY_VAE, 16)
-    settings = {k: v for k, v in presets.SDXL_UNET.items() if not k.startswith("_")}
     if size == "full":
-        return Shapes(settings, {k: v for k, v in presets.SDXL_VAE.items() if not k.startswith("_")}, 128, "_sdxl")
-    tiny = {k: v for k, v in presets.TINY_SDXL_UNET.items() if not k.startswith("_")}
-    return Shapes(tiny, TINY_VAE, 16, "_sdxl")
+        return Shapes(_constructor_args(presets.SDXL_UNET), _constructor_args(presets.SDXL_VAE), 128, "_sdxl")
+    return Shapes(_constructor_args(presets.TINY_SDXL_UNET), TINY_VAE, 16, "_sdxl")
 
 
 def emit(**kw) -> None:

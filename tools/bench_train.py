@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="do not use bgjax's persistent compilation cache ($BGJAX_COMPILE_CACHE)")
     args, overrides = p.parse_known_args()
+    if unknown := [o for o in overrides if not o.startswith("--config.")]:
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --config.remat=False)")
 
     if args.compile_cache:  # the same programs as the next run's: a second run loads them (issue 14's <= 5 s)
         compile_cache.enable(compile_cache.default_dir())
