@@ -178,9 +178,13 @@ def _demo(args: argparse.Namespace) -> None:
     with fresh_output(Path(args.out), args.overwrite) as out:
         summary = run_demo(out, Path(args.model), args.num_images, args.steps)
     for row in summary["results"]:
-        reference = f", reference tone {row['reference_tone']:.2f}" if "reference_tone" in row else ""
+        style = row.get("reference_category", row["category"])
+        reference = (f"; reference: {row['reference_category']}, tone {row['reference_tone']:.2f}"
+                     if "reference_tone" in row else "")
+        halo = sum(row["halos"]) / len(row["halos"])
         print(f"{row['name']:<24} backgrounds look like: {', '.join(row['background_styles'])}; "
-              f"tones {', '.join(f'{t:.2f}' for t in row['background_tones'])}{reference}")
+              f"tones {', '.join(f'{t:.2f}' for t in row['background_tones'])}; "
+              f"halo {halo:.3f} (ground truth {summary['ground_truth_halo'][style]:.3f}){reference}")
     print(f"{len(summary['results'])} rows in {summary['seconds']:.1f} s; contact sheet: "
           f"{Path(args.out) / 'contact_sheet.png'}")
 
@@ -267,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "the bundled small model on bundled products -> images and a contact sheet",
                 "Runs the bundled small model (64 px, trained on bgjax's synthetic data) on one bundled product "
-                "per category and on a coffee mug restyled after a dark and a pastel reference; writes the images, "
-                "OUT/contact_sheet.png and OUT/demo.json, and prints each output's background style and tone.",
+                "per category and on a coffee mug restyled after a dark and a pastel coffee-mug ad and after a "
+                "desk-lamp ad; writes the images, OUT/contact_sheet.png and OUT/demo.json, and prints each output's "
+                "background style, tone and halo (beside the synthetic ground truth's own halo).",
                 ("bgjax demo", "bgjax demo --out my_demo --num-images 2 --steps 10"), _demo)
     p.add_argument("--out", default="bgjax_demo", help="folder for the images, contact_sheet.png and demo.json")
     p.add_argument("--model", default=str(MODEL), help="a bgjax model directory (the default is the bundled one)")

@@ -1,11 +1,12 @@
 """`bgjax demo`: the bundled small model generates backgrounds for bundled products, one per
-synthetic category, plus one product restyled after a dark and after a pastel reference, and
-writes a contact sheet.
+synthetic category, plus one product restyled after a dark and a pastel reference of its own category
+and after a reference of another category, and writes a contact sheet.
 
 The bundled model (bgjax/assets/tiny_model, reproduced by tools/train_bundled_model.sh) was
 trained on bgjax's synthetic data, where the category sets a background's hue and pattern and
 each image has its own tone; the demo reports which category's style each output has
-(`synthetic.classify_background`) and its tone (`synthetic.background_tone`). The reference rows
+(`synthetic.classify_background`), its tone (`synthetic.background_tone`) and its halo
+(`synthetic.halo`, beside the level of the synthetic ground truth's own images). The reference rows
 use style guidance (`BackgroundPipeline.generate`): with PG in both passes of classifier-free
 guidance, guidance 7.5 washes this small model's tone transfer out.
 """
@@ -24,9 +25,11 @@ from bgjax.data import synthetic
 ASSETS = Path(__file__).parent / "assets"
 MODEL = ASSETS / "tiny_model"
 PRODUCTS = ASSETS / "products"
-# The reference example: a product of this category restyled after other ads of it with these tones.
-REFERENCE_CATEGORY = "coffee mug"
-REFERENCE_TONES = {"dark": -0.9, "pastel": 0.9}
+# The reference rows: this product restyled after ads of these categories and tones (None: the ad's own).
+REFERENCE_PRODUCT = "coffee mug"
+REFERENCES: dict[str, tuple[str, float | None]] = {"dark": ("coffee mug", -0.9), "pastel": ("coffee mug", 0.9),
+                                                   "desk_lamp": ("desk lamp", None)}
+GROUND_TRUTH_SAMPLES = 16  # synthetic images per category whose halo is the ground truth's level
 
 
 def sample_products(out: Path = PRODUCTS, size: int = 64, seed: int = 7) -> list[Path]:
@@ -39,8 +42,8 @@ def sample_products(out: Path = PRODUCTS, size: int = 64, seed: int = 7) -> list
         path = out / f"{category.replace(' ', '_')}.png"
         synthetic.save_rgba_cutout(sample).save(path)
         paths.append(path)
-    for name, tone in REFERENCE_TONES.items():
-        reference = synthetic.make_sample(1, seed, size, REFERENCE_CATEGORY, tone=tone)
+    for name, (category, tone) in REFERENCES.items():
+        reference = synthetic.make_sample(1, seed, size, category, tone=tone)
         Image.fromarray(reference.image).save(out / f"reference_{name}.png")
         Image.fromarray(reference.mask).save(out / f"reference_{name}_mask.png")
     return paths
@@ -69,33 +72,44 @@ def run_demo(out: Path, model: Path = MODEL, num_images: int = 4, steps: int = 2
 
     def add_row(name: str, category: str, images: list[Image.Image], first: Image.Image, **extra) -> None:
         mask = _placed_mask(pipe, np.asarray(Image.open(_cutout(category)))[..., 3])
-        styles, tones = [], []
+        styles, tones, halos = [], [], []
         for k, image in enumerate(images):
             image.save(out / f"{name}_{k}.png")
             styles.append(synthetic.classify_background(np.asarray(image), mask))
             tones.append(round(synthetic.background_tone(np.asarray(image), mask), 3))
+            halos.append(round(synthetic.halo(np.asarray(image), mask), 3))
         results.append({"name": name, "category": category, "background_styles": styles, "background_tones": tones,
-                        **extra})
+                        "halos": halos, **extra})
         labels = [f"{style} {tone:.2f}" for style, tone in zip(styles, tones, strict=True)]
         rows.append([_label(first, name)] + [_label(im, text) for im, text in zip(images, labels, strict=True)])
 
     for category in synthetic.CATEGORIES:
         images = pipe(product=_cutout(category), category=category, num_images=num_images, seed=seed, steps=steps)
         add_row(category.replace(" ", "_"), category, images, Image.open(_cutout(category)).convert("RGB"))
-    for name in REFERENCE_TONES:
+    for name, (reference_category, _) in REFERENCES.items():
         reference, reference_mask = PRODUCTS / f"reference_{name}.png", PRODUCTS / f"reference_{name}_mask.png"
-        images = pipe(product=_cutout(REFERENCE_CATEGORY), category=REFERENCE_CATEGORY, reference=reference,
+        images = pipe(product=_cutout(REFERENCE_PRODUCT), category=REFERENCE_PRODUCT, reference=reference,
                       reference_mask=reference_mask, num_images=num_images, seed=seed, steps=steps,
                       style_guidance=True)
         tone = synthetic.background_tone(np.asarray(Image.open(reference)), np.asarray(Image.open(reference_mask)))
-        add_row(f"{REFERENCE_CATEGORY.replace(' ', '_')}_ref_{name}", REFERENCE_CATEGORY, images,
-                Image.open(reference).convert("RGB"), reference_tone=round(tone, 3))
+        add_row(f"{REFERENCE_PRODUCT.replace(' ', '_')}_ref_{name}", REFERENCE_PRODUCT, images,
+                Image.open(reference).convert("RGB"), reference_category=reference_category,
+                reference_tone=round(tone, 3))
     sheet = _grid(rows, f"{Path(model).name}: {steps} steps, guidance 7.5, seed {seed}; "
                          "first column: the input (product or reference)")
     sheet.save(out / "contact_sheet.png")
-    summary = {"model": str(model), "seconds": time.perf_counter() - t0, "steps": steps, "results": results}
+    summary = {"model": str(model), "seconds": time.perf_counter() - t0, "steps": steps, "results": results,
+               "ground_truth_halo": ground_truth_halo(pipe.resolution)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def ground_truth_halo(size: int, num: int = GROUND_TRUTH_SAMPLES) -> dict[str, float]:
+    """Per category, the mean `synthetic.halo` of the synthetic ground truth's own images at `size`: the
+    level a generated background's halo is compared with (a striped background raises it, a rim does more)."""
+    return {category: round(float(np.mean([synthetic.halo(s.image, s.mask) for s in
+                                           (synthetic.make_sample(i, 0, size, category) for i in range(num))])), 3)
+            for category in synthetic.CATEGORIES}
 
 
 def _cutout(category: str) -> Path:

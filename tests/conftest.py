@@ -86,6 +86,15 @@ def save_sdxl_folder(models: dict[str, torch.nn.Module], folder: Path) -> Path:
     return folder
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup, pyproject.toml)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test file runs on one worker, in order (module fixtures are built once; test_serve's last test
+    stops its server); the big_memory tests run one after another on one worker."""
+    for item in items:
+        group = "big_memory" if item.get_closest_marker("big_memory") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory) -> Path:
     """One persistent compilation cache for the session's `bgjax` commands and their subprocesses (not the

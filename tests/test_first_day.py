@@ -65,7 +65,7 @@ def test_first_day_from_the_wheel(installed, tmp_path):
 
     _bgjax(installed, day, "demo")  # as the README says it, defaults and all
     assert Image.open(day / "bgjax_demo" / "contact_sheet.png").size[0] > 0
-    assert len(json.loads((day / "bgjax_demo" / "demo.json").read_text())["results"]) == 8
+    assert len(json.loads((day / "bgjax_demo" / "demo.json").read_text())["results"]) == 9  # 6 categories, 3 references
 
     # `bgjax train --help`'s quick example, smaller still: 10 steps on 24 synthetic images.
     _bgjax(installed, day, "train", "--config", "tiny_synthetic", "--workdir", "run", "--config.num_steps=10",

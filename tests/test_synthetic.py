@@ -12,6 +12,7 @@ from bgjax.data.synthetic import (
     COVERAGE,
     background_style_features,
     classify_background,
+    halo,
     make_sample,
     samples,
     save_rgba_cutout,
@@ -82,6 +83,47 @@ def test_background_style_identifies_the_category(size):
     fresh = list(samples(60, seed=7, size=size))  # centroids come from another seed
     accuracy = np.mean([classify_background(s.image, s.mask) == s.category for s in fresh])
     assert accuracy >= 0.95, accuracy
+
+
+def _distance_to_product(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import distance_transform_edt  # an independent account of "pixels from the product"
+
+    return distance_transform_edt(mask < 128)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_halo_is_low_on_the_ground_truth_and_rises_with_a_rim_or_bleeding(size):
+    """The ground truth's own level stays below 0.08 on every category (striped backgrounds are the highest);
+    a rim 1-2 px wide, halfway to white or to black, or the product's colour bleeding 2 px out, raises it
+    by at least 0.03 on every sample. A measure that looked at the product, at the wrong ring or
+    at the whole background would miss a 2-px rim."""
+    for s in samples(24, seed=11, size=size):
+        base = halo(s.image, s.mask)
+        assert base < 0.08, (s.category, base)
+        d = _distance_to_product(s.mask)
+        rim = (d > 0) & (d <= 2)
+        img = s.image.astype(np.float64)
+        light, dark = img.copy(), img.copy()
+        light[rim] += (255 - light[rim]) * 0.5
+        dark[rim] *= 0.5
+        bleed = img.copy()
+        bleed[rim] = img[s.mask > 0].mean(0)
+        for name, changed in (("light", light), ("dark", dark), ("bleed", bleed)):
+            assert halo(changed.round().astype(np.uint8), s.mask) > base + 0.03, (s.category, name)
+
+
+def test_halo_reads_only_the_band_around_the_product():
+    """Product pixels and background further than 8 px from the product do not enter it; the band does."""
+    s = make_sample(3, seed=5, size=96)
+    d = _distance_to_product(s.mask)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, s.image.shape, dtype=np.uint8)
+    far_or_inside = ((d == 0) | (d > 8))[..., None]
+    assert halo(np.where(far_or_inside, noise, s.image), s.mask) == halo(s.image, s.mask)
+    near = ((d > 0) & (d <= 8))[..., None]
+    assert halo(np.where(near, noise, s.image), s.mask) != halo(s.image, s.mask)
+    with pytest.raises(ValueError, match="empty"):
+        halo(s.image, np.zeros_like(s.mask))
 
 
 def test_cli_writes_synthetic_records(tmp_path):

@@ -27,6 +27,8 @@ _MARGIN = 2  # pixels kept free on every side so the product never touches the b
 _CENTROID_SAMPLES, _CENTROID_SEED = 180, 12345
 # tone -1 darkens the background to this fraction of its brightness; +1 moves it this far to white
 _DARKEN, _LIGHTEN = 0.6, 0.5
+# `halo`: the ring just outside the product, and the background further out it is compared with (pixels)
+HALO_RING, HALO_REFERENCE = 3, (4, 8)
 
 # Background style per category (same order as CATEGORIES): base colour and pattern kind.
 _STYLES: tuple[tuple[tuple[int, int, int], str], ...] = (
@@ -293,3 +295,49 @@ def classify_background(image: np.ndarray, mask: np.ndarray) -> str:
     cents, mean, std = _centroids(size)
     f = (background_style_features(image, mask) - mean) / std
     return CATEGORIES[int(np.argmin(((cents - f) ** 2).sum(-1)))]
+
+
+def _near(product: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within Euclidean distance `radius` of a product pixel (the product included)."""
+    h, w = product.shape
+    padded = np.pad(product, radius)
+    near = np.zeros_like(product)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                near |= padded[radius + dy: radius + dy + h, radius + dx: radius + dx + w]
+    return near
+
+
+def _box_sum(a: np.ndarray, radius: int) -> np.ndarray:
+    """Sum of `a` (H, W, ...) over the (2 radius + 1)^2 window around each pixel, zero outside the image."""
+    c = np.pad(a, [(radius + 1, radius), (radius + 1, radius)] + [(0, 0)] * (a.ndim - 2)).cumsum(0).cumsum(1)
+    k = 2 * radius + 1
+    return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+
+
+def halo(image: np.ndarray, mask: np.ndarray) -> float:
+    """How far the colour of the ring just outside the product (background pixels within HALO_RING px of it)
+    is from the background a little further out (HALO_REFERENCE px): around each ring pixel, the mean colour
+    of the ring and the mean colour of the reference pixels in the window of HALO_REFERENCE[1] px, their mean
+    absolute RGB difference (0-1), averaged over the ring. A light or dark rim, or the product's colour bleeding
+    out, raises it; the local means average a background pattern out, though not entirely: compare with the
+    ground truth's own level, not with 0."""
+    img = np.asarray(image, np.float64)[..., :3] / 255.0
+    product = np.asarray(mask) >= 128
+    if not product.any():
+        raise ValueError("halo: the mask is empty (no product)")
+    ring = _near(product, HALO_RING) & ~product
+    inner, outer = HALO_REFERENCE
+    reference = _near(product, outer) & ~_near(product, inner)
+
+    def local_mean(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        count = _box_sum(region.astype(np.float64), outer)
+        return _box_sum(img * region[..., None], outer) / np.maximum(count, 1)[..., None], count
+
+    ring_colour, _ = local_mean(ring)
+    reference_colour, count = local_mean(reference)
+    use = ring & (count > 0)
+    if not use.any():
+        raise ValueError("halo: no background around the product to compare its ring with")
+    return float(np.abs(ring_colour - reference_colour)[use].mean())
