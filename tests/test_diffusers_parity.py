@@ -155,7 +155,7 @@ def test_non_square_text_to_image_matches(folders, bgjax_pipe):
 
 
 @pytest.mark.slow
-@pytest.mark.big_memory
+@pytest.mark.big_memory(weights_gb=4.3)
 def test_sd15_shapes_text_to_image_matches_stable_diffusion_pipeline(tmp_path):
     """The real SD-1.5 UNet, VAE and CLIP ViT-L text encoder configs (diffusers' / transformers' default init,
     random), 256 x 192 px, 5 DPM-Solver++ steps, guidance 7.5, fp32. One side at a time in memory: the

@@ -23,7 +23,6 @@ def forward_flops(kind: str, module, *inputs) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.big_memory
 def test_xla_flop_counts_match_torchs_at_sd15_shapes():
     # XLA's whole attention: on the CPU "auto" would chunk the 4096-token layers, a loop whose body XLA counts once.
     unet = build("unet", presets.SD15_UNET, jnp.bfloat16, attention="xla")

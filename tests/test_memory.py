@@ -154,7 +154,6 @@ def test_a_size_that_does_not_fit_is_one_line_naming_the_largest_that_does(bundl
 
 
 @pytest.mark.slow
-@pytest.mark.big_memory
 def test_the_bundled_model_generates_at_512_px_on_the_cpu(tmp_path):
     """Unchunked, 512 px would need 35 GB per image on XLA:CPU (70 GB for two); chunked it runs in a few GB.
     Two steps: the memory is that of any step count, and each 512 px step costs minutes on a shared 2-core CPU

@@ -12,7 +12,7 @@ from tests.torch_reference import SD15, nhwc, rel_err
 
 
 @pytest.mark.slow
-@pytest.mark.big_memory
+@pytest.mark.big_memory(weights_gb=4.9)
 def test_sd15_unet_with_controlnet_matches_diffusers():
     torch.manual_seed(0)
     unet = TorchUNet(**SD15).eval()

@@ -173,7 +173,7 @@ def _torch_to_jax(state: dict[str, torch.Tensor], shapes: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.big_memory
+@pytest.mark.big_memory(weights_gb=10.3)
 def test_real_sdxl_unet_matches_diffusers():
     """The real SDXL UNet configuration (2.6 G params, 10.3 GB in fp32) at 32 x 32 latents, batch 1: diffusers
     first (weights randomized, output kept), its weights moved tensor by tensor into bgjax's tree, then bgjax."""
