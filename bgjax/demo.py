@@ -71,7 +71,7 @@ def run_demo(out: Path, model: Path = MODEL, num_images: int = 4, steps: int = 2
     rows, results = [], []
 
     def add_row(name: str, category: str, images: list[Image.Image], first: Image.Image, **extra) -> None:
-        mask = _placed_mask(pipe, np.asarray(Image.open(_cutout(category)))[..., 3])
+        mask = placed_mask(pipe, np.asarray(Image.open(cutout_path(category)))[..., 3])
         styles, tones, halos = [], [], []
         for k, image in enumerate(images):
             image.save(out / f"{name}_{k}.png")
@@ -84,11 +84,11 @@ def run_demo(out: Path, model: Path = MODEL, num_images: int = 4, steps: int = 2
         rows.append([_label(first, name)] + [_label(im, text) for im, text in zip(images, labels, strict=True)])
 
     for category in synthetic.CATEGORIES:
-        images = pipe(product=_cutout(category), category=category, num_images=num_images, seed=seed, steps=steps)
-        add_row(category.replace(" ", "_"), category, images, Image.open(_cutout(category)).convert("RGB"))
+        images = pipe(product=cutout_path(category), category=category, num_images=num_images, seed=seed, steps=steps)
+        add_row(category.replace(" ", "_"), category, images, Image.open(cutout_path(category)).convert("RGB"))
     for name, (reference_category, _) in REFERENCES.items():
         reference, reference_mask = PRODUCTS / f"reference_{name}.png", PRODUCTS / f"reference_{name}_mask.png"
-        images = pipe(product=_cutout(REFERENCE_PRODUCT), category=REFERENCE_PRODUCT, reference=reference,
+        images = pipe(product=cutout_path(REFERENCE_PRODUCT), category=REFERENCE_PRODUCT, reference=reference,
                       reference_mask=reference_mask, num_images=num_images, seed=seed, steps=steps,
                       style_guidance=True)
         tone = synthetic.background_tone(np.asarray(Image.open(reference)), np.asarray(Image.open(reference_mask)))
@@ -112,11 +112,11 @@ def ground_truth_halo(size: int, num: int = GROUND_TRUTH_SAMPLES) -> dict[str, f
             for category in synthetic.CATEGORIES}
 
 
-def _cutout(category: str) -> Path:
+def cutout_path(category: str) -> Path:
     return PRODUCTS / f"{category.replace(' ', '_')}.png"
 
 
-def _placed_mask(pipe, alpha: np.ndarray) -> np.ndarray:
+def placed_mask(pipe, alpha: np.ndarray) -> np.ndarray:
     """The cut-out's mask where the pipeline placed it on its canvas (default placement)."""
     from bgjax.sampling.host import place_cutout
 
