@@ -71,16 +71,12 @@ def run_demo(out: Path, model: Path = MODEL, num_images: int = 4, steps: int = 2
     rows, results = [], []
 
     def add_row(name: str, category: str, images: list[Image.Image], first: Image.Image, **extra) -> None:
-        mask = placed_mask(pipe, np.asarray(Image.open(cutout_path(category)))[..., 3])
-        styles, tones, halos = [], [], []
         for k, image in enumerate(images):
             image.save(out / f"{name}_{k}.png")
-            styles.append(synthetic.classify_background(np.asarray(image), mask))
-            tones.append(round(synthetic.background_tone(np.asarray(image), mask), 3))
-            halos.append(round(synthetic.halo(np.asarray(image), mask), 3))
-        results.append({"name": name, "category": category, "background_styles": styles, "background_tones": tones,
-                        "halos": halos, **extra})
-        labels = [f"{style} {tone:.2f}" for style, tone in zip(styles, tones, strict=True)]
+        stats = row_statistics(images, placed_mask(pipe, np.asarray(Image.open(cutout_path(category)))[..., 3]))
+        results.append({"name": name, "category": category, **stats, **extra})
+        labels = [f"{style} {tone:.2f}" for style, tone in zip(stats["background_styles"], stats["background_tones"],
+                                                                 strict=True)]
         rows.append([_label(first, name)] + [_label(im, text) for im, text in zip(images, labels, strict=True)])
 
     for category in synthetic.CATEGORIES:
@@ -102,6 +98,15 @@ def run_demo(out: Path, model: Path = MODEL, num_images: int = 4, steps: int = 2
                "ground_truth_halo": ground_truth_halo(pipe.resolution)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def row_statistics(images: list[Image.Image], mask: np.ndarray) -> dict[str, list]:
+    """Per image of a row, on the background pixels of `mask`: the category whose style it has, its tone
+    and its halo (`synthetic`'s measures; tone and halo rounded to 3 places, as demo.json keeps them)."""
+    pixels = [np.asarray(image) for image in images]
+    return {"background_styles": [synthetic.classify_background(p, mask) for p in pixels],
+            "background_tones": [round(synthetic.background_tone(p, mask), 3) for p in pixels],
+            "halos": [round(synthetic.halo(p, mask), 3) for p in pixels]}
 
 
 def ground_truth_halo(size: int, num: int = GROUND_TRUTH_SAMPLES) -> dict[str, float]:

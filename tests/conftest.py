@@ -94,12 +94,15 @@ def save_sdxl_folder(models: dict[str, torch.nn.Module], folder: Path) -> Path:
 LONGEST_FILES = ("tests/test_train_meshes.py", "tests/test_device_check.py")
 
 
+def _file(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
+
+
 def _order(item: pytest.Item) -> tuple:
     big = item.get_closest_marker("big_memory")
     if big is not None:
         return (0, -big.kwargs["weights_gb"])
-    path = item.nodeid.split("::")[0]
-    return (1,) if path in LONGEST_FILES else (2,)
+    return (1,) if _file(item) in LONGEST_FILES else (2,)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup, pyproject.toml)
@@ -108,7 +111,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     stops its server). The big_memory tests run on one worker, one after another, first, the largest first,
     while that worker holds nothing else; the other worker runs the longest files meanwhile."""
     for item in items:
-        group = "big_memory" if item.get_closest_marker("big_memory") else item.nodeid.split("::")[0]
+        group = "big_memory" if item.get_closest_marker("big_memory") else _file(item)
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=_order)  # stable: the files keep their order
 

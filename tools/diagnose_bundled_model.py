@@ -24,6 +24,7 @@ from PIL import Image
 
 from bgjax import demo
 from bgjax.data import synthetic
+from bgjax.sampling.host import to_uint8
 from bgjax.sampling.pipeline import BackgroundPipeline
 
 
@@ -35,7 +36,7 @@ def vae_round_trip(pipe: BackgroundPipeline, per_category: int, seed: int) -> No
         x = jnp.asarray(truth, jnp.float32) / 127.5 - 1
         mean, _ = vae.apply({"params": params}, x, method=vae.encode)
         decoded = vae.apply({"params": params}, mean, method=vae.decode)
-        images = np.asarray(jnp.clip((decoded + 1) * 127.5, 0, 255)).round().astype(np.uint8)
+        images = to_uint8(np.asarray(decoded + 1) / 2)
         styles = [synthetic.classify_background(im, s.mask) for im, s in zip(images, samples, strict=True)]
         added = [synthetic.halo(im, s.mask) - synthetic.halo(s.image, s.mask)
                  for im, s in zip(images, samples, strict=True)]
@@ -53,11 +54,12 @@ def guidance_sweep(pipe: BackgroundPipeline, scales: list[float], steps: int) ->
             cutout = demo.cutout_path(category)
             mask = demo.placed_mask(pipe, np.asarray(Image.open(cutout))[..., 3])
             images = pipe(product=cutout, category=category, num_images=4, seed=0, steps=steps, guidance=guidance)
-            styles = [synthetic.classify_background(np.asarray(im), mask) for im in images]
-            halo = float(np.mean([synthetic.halo(np.asarray(im), mask) for im in images]))
+            stats = demo.row_statistics(images, mask)
+            styles = stats["background_styles"]
             print(json.dumps({"what": "guidance", "guidance": guidance, "category": category,
                               "right": sum(s == category for s in styles), "styles": styles,
-                              "halo": round(halo, 4), "ground_truth_halo": truth[category]}), flush=True)
+                              "halo": round(float(np.mean(stats["halos"])), 4),
+                              "ground_truth_halo": truth[category]}), flush=True)
 
 
 def main() -> None:
