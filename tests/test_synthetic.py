@@ -85,6 +85,21 @@ def test_background_style_identifies_the_category(size):
     assert accuracy >= 0.95, accuracy
 
 
+@pytest.mark.parametrize("size", [64, 128])
+def test_background_style_ignores_texture_finer_than_the_pattern(size):
+    """A VAE at factor 4 invents texture inside its cells: pixel noise of 10 grey levels, or 2 px blotches of
+    6, must not move a background to another category (it did for every rice cooker's gentle gradient when
+    the statistics read single pixels)."""
+    rng = np.random.default_rng(0)
+    for block, level in ((1, 10), (2, 6)):
+        right = {c: 0 for c in CATEGORIES}
+        for s in samples(60, seed=8, size=size):
+            noise = rng.normal(0, level, (size // block, size // block, 3)).repeat(block, 0).repeat(block, 1)
+            image = np.clip(s.image + noise, 0, 255).astype(np.uint8)
+            right[s.category] += classify_background(image, s.mask) == s.category
+        assert min(right.values()) >= 9, (block, right)  # of 10 per category
+
+
 def _distance_to_product(mask: np.ndarray) -> np.ndarray:
     from scipy.ndimage import distance_transform_edt  # an independent account of "pixels from the product"
 

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -27,6 +28,9 @@ _MARGIN = 2  # pixels kept free on every side so the product never touches the b
 _CENTROID_SAMPLES, _CENTROID_SEED = 180, 12345
 # tone -1 darkens the background to this fraction of its brightness; +1 moves it this far to white
 _DARKEN, _LIGHTEN = 0.6, 0.5
+# `background_style_features` reads the background blurred by this fraction of the image side (2 px at 64 px):
+# the pattern a 4x-downsampling latent carries, not the pixel texture a VAE invents inside its cells
+STYLE_BLUR = 1 / 32
 # `halo`: the ring just outside the product, and the background further out it is compared with (pixels)
 HALO_RING, HALO_REFERENCE = 3, (4, 8)
 
@@ -242,15 +246,29 @@ def background_tone(image: np.ndarray, mask: np.ndarray) -> float:
     return float(img[bg].mean())
 
 
+def _blur_background(img: np.ndarray, bg: np.ndarray, sigma: float) -> np.ndarray:
+    """`img` blurred over its background pixels only (normalised convolution: the product neither
+    bleeds in nor darkens the edge); the product's pixels are left as they are."""
+    def blur(a: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+
+    weight = bg.astype(np.float64)
+    covered = blur(weight)[..., None]
+    blurred = blur(img * weight[..., None]) / np.maximum(covered, 1e-6)
+    return np.where(bg[..., None], blurred, img)
+
+
 def background_style_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Category style statistics of the background pixels (mask == 0), independent of image size
-    and of the tone (brightness is divided out).
+    and of the tone (brightness is divided out), read after a blur of STYLE_BLUR x the image side:
+    texture finer than that (noise, a VAE's blotches) does not change the style.
 
     [chromaticity R, G, B (mean colour / its sum), log relative gradient energy, vertical-vs-horizontal
     gradient balance, diagonal-vs-antidiagonal balance, relative centre-minus-edge brightness,
     dominant frequency (cycles / image / 10)].
     """
     img, bg = _background_pixels(image, mask, "background_style_features")
+    img = _blur_background(img, bg, STYLE_BLUR * np.sqrt(bg.size))
     mean_rgb = img[bg].mean(0)
     grey = img.mean(-1) / max(float(mean_rgb.mean()), 1e-3)
     size = float(np.sqrt(grey.size))
