@@ -171,6 +171,43 @@ def test_style_guidance_drops_pg_from_the_unconditional_pass_only(pipe, photo):
     np.testing.assert_array_equal(run(style_guidance=True), run())
 
 
+def test_keep_product_holds_the_products_encoding_in_the_cells_it_covers(pipe, photo):
+    """keep_product: the final latents of the cells the product's mask covers whole are the VAE's encoding of
+    the product (I * M), exactly, and every other cell is generated (differs from it); without it no cell
+    is the encoding. The images change off the product and keep its pixels."""
+    import jax.numpy as jnp
+
+    from bgjax.sampling import program
+
+    prepared = pipe.prepare(photo["image"], photo["mask"], "lamp")
+    factor = pipe.models.vae_factor
+    h, w = prepared.mask.shape
+    cells = prepared.mask.reshape(h // factor, factor, w // factor, factor).min(axis=(1, 3)) >= 0.5
+    assert 0 < cells.sum() < cells.size
+    vae = pipe.models.vae
+    mean, _ = vae.apply({"params": pipe.params["vae"]}, jnp.asarray(prepared.cg_cond)[None], method=vae.encode)
+    encoding = (np.asarray(mean)[0] - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def final_latents(known):
+        conditions = pipe._conditions(pipe.inputs.prompt(prepared, None), None, prepared.identifier_row,
+                                      prepared.mask, prepared.cg_cond, None, known)
+        settings = program.SamplingSettings("dpmpp_2m", STEPS, 7.5, 1.0)
+        return program.run(pipe.models, pipe.params, pipe.mesh, pipe.scheduler_config, settings, conditions, 2,
+                           0)[0]
+
+    kept, free = final_latents(prepared.cg_cond), final_latents(None)
+    for x in kept:
+        np.testing.assert_allclose(x[cells], encoding[cells], rtol=1e-5, atol=1e-5)
+        assert np.abs(x[~cells] - encoding[~cells]).max(-1).min() > 1e-3
+    assert np.abs(free[:, cells] - encoding[cells]).max(-1).min() > 1e-3
+
+    run = lambda **kw: _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=1, steps=STEPS, **kw))  # noqa: E731
+    with_, without = run(keep_product=True), run()
+    product = np.asarray(Image.fromarray(photo["mask"]).resize(with_.shape[2:0:-1])) > 0
+    np.testing.assert_array_equal(with_[0][product], without[0][product])
+    assert np.abs(with_[0][~product].astype(int) - without[0][~product]).mean() > 1
+
+
 def test_bad_inputs_name_the_problem(pipe, photo, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -345,7 +382,8 @@ def test_every_setting_keys_the_cache(model, pipe, tmp_path):
                "style_guidance": ["--style-guidance"], "size": ["--size", "64"], "dtype": ["--dtype", "bfloat16"],
                "prompt": ["--prompt", "a {category}"], "negative_prompt": ["--negative-prompt", "dark"],
                "placement": ["--placement", "0.5", "0.5", "0.5"], "width": ["--width", "64"],
-               "height": ["--height", "64"], "image_format": ["--format", "webp"], "quality": ["--quality", "80"]}
+               "height": ["--height", "64"], "image_format": ["--format", "webp"], "quality": ["--quality", "80"],
+               "keep_product": ["--keep-product"]}
 
     def settings(argv: list[str], seed: int = 0, fingerprint: str = "m") -> GenerationSettings:
         args: argparse.Namespace = build_parser().parse_args(argv)

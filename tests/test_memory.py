@@ -99,7 +99,7 @@ def _xla_bytes(pipe: BackgroundPipeline, batch: int, size: int) -> int:
         pipe.models, sampler, pipe.params, conditions.prompt_arrays(), np.uint32(0), np.arange(batch, dtype=np.int32),
         None, np.broadcast_to(prepared.mask, (batch, size, size)), np.broadcast_to(prepared.cg_cond,
                                                                                    (batch, size, size, 3)),
-        None, *[np.float32(1)] * 4).compile()
+        None, None, *[np.float32(1)] * 4).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -217,3 +217,25 @@ def test_bad_name_and_step_count():
     for n in (0, 1001):
         with pytest.raises(ValueError, match="num_inference_steps"):
             make_sampler("euler", SD, n)
+
+
+@pytest.mark.parametrize("config_name", ["sd", "sd_v_trailing"])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_renoised_matches_diffusers_add_noise_at_the_next_timestep(name: str, config_name: str):
+    """Keeping a known region (`Sampler.renoised`) as diffusers' inpainting pipelines do with a 4-channel UNet:
+    after step i the known x0 noised by `scheduler.add_noise` to timesteps[i + 1], and x0 itself after the
+    last step."""
+    n = 25
+    sched = torch_scheduler(name, CONFIGS[config_name])
+    sched.set_timesteps(n)
+    sampler = make_sampler(name, CONFIGS[config_name], n)
+    x0, noise = initial_noise(1), initial_noise(2)
+    renoised = jax.jit(sampler.renoised)
+    for i in range(n):
+        if i < n - 1:
+            expected = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), sched.timesteps[i + 1:i + 2])
+            expected = expected.numpy()
+        else:
+            expected = x0
+        err = rel_err(renoised(jnp.asarray(x0), jnp.asarray(noise), i), expected)
+        assert err <= 1e-6, f"{name} {config_name} step {i}: rel err {err:.2e}"

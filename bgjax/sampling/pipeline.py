@@ -170,10 +170,11 @@ class BackgroundPipeline:
         return "" if negative_prompt is None else negative_prompt
 
     def _conditions(self, prompt: Prompt, negative_prompt: str | None, identifier_row: int, mask: np.ndarray,
-                    cg_cond: np.ndarray | None, pg_cond: np.ndarray | None) -> Conditions:
+                    cg_cond: np.ndarray | None, pg_cond: np.ndarray | None,
+                    known: np.ndarray | None = None) -> Conditions:
         negative = self.unconditional(negative_prompt)
         return Conditions(prompt, self.inputs.negative("" if negative is None else negative), identifier_row, mask,
-                          cg_cond, pg_cond, zero_negative=negative is None)
+                          cg_cond, pg_cond, zero_negative=negative is None, known=known)
 
     @property
     def has_cg(self) -> bool:
@@ -205,7 +206,8 @@ class BackgroundPipeline:
                  guidance: float = 7.5, lambda_cg: float | None = None, lambda_pg: float | None = None,
                  sampler: str = "dpmpp_2m", batch_size: int | None = None,
                  style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str | None = None,
-                 latents: np.ndarray | None = None, output_type: str = "pil") -> list[Image.Image] | np.ndarray:
+                 latents: np.ndarray | None = None, output_type: str = "pil",
+                 keep_product: bool = False) -> list[Image.Image] | np.ndarray:
         """Images 0 .. num_images - 1 of `seed` for prepared inputs. Image k is the same whatever
         `num_images`, `batch_size` and the device count (up to float rounding).
 
@@ -219,7 +221,13 @@ class BackgroundPipeline:
         pass's prompt (None: the empty one, or zeros on SDXL as diffusers, see `unconditional`); `latents`
         (num_images, h/f, w/f, C), NHWC, replace the seeded noise (as diffusers' `latents=`, they are scaled by
         the sampler's initial sigma). `output_type`: "pil" (a list
-        of images) or "np" ((N, H, W, 3) float32 in [0, 1], the product pasted back, before rounding)."""
+        of images) or "np" ((N, H, W, 3) float32 in [0, 1], the product pasted back, before rounding).
+
+        `keep_product`: the latent cells the product covers whole hold the VAE's encoding of the product
+        after every step (noised to the next timestep), as diffusers' inpainting pipelines keep the known
+        region with a 4-channel UNet, instead of the UNet's own drawing of it: the latents at the product's
+        edge then continue the real product, and fewer colours ring it after the paste-back (the bundled
+        model's halo: `bgjax demo`). Off by default, as in diffusers' ControlNet pipeline."""
         _check_output_type(output_type)
         for note in self.warnings(prepared, lambda_cg, lambda_pg, prompt):
             warnings.warn(note, stacklevel=2)
@@ -228,7 +236,8 @@ class BackgroundPipeline:
         if cg_cond is not None and self.cg_source == "controlnet":
             cg_cond = (cg_cond + prepared.mask[..., None]) / 2  # I * M with I in [0, 1]
         conditions = self._conditions(self.inputs.prompt(prepared, prompt), negative_prompt, prepared.identifier_row,
-                                      prepared.mask, cg_cond, prepared.pg_cond if pg_scale is not None else None)
+                                      prepared.mask, cg_cond, prepared.pg_cond if pg_scale is not None else None,
+                                      prepared.cg_cond if keep_product else None)
         settings = SamplingSettings(sampler, steps, guidance, cg_scale, pg_scale, 0.0 if style_guidance else None)
         _, images = program.run(self.models, self.params, self.mesh, self.scheduler_config, settings, conditions,
                                 num_images, seed, batch_size, latents)
@@ -281,7 +290,7 @@ class BackgroundPipeline:
                  feather: int | None = None, batch_size: int | None = None,
                  style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str | None = None,
                  latents: np.ndarray | None = None, width: int | None = None, height: int | None = None,
-                 output_type: str = "pil") -> list[Image.Image] | np.ndarray:
+                 output_type: str = "pil", keep_product: bool = False) -> list[Image.Image] | np.ndarray:
         """`num_images` images of the product on generated backgrounds; see `prepare` (`host.Inputs.prepare`)
         for the inputs and the canvas (`size`, or `width` x `height`) and `generate` for the sampling
         arguments."""
@@ -289,7 +298,7 @@ class BackgroundPipeline:
                                 width=width, height=height)
         return self.generate(prepared, num_images, seed, steps, guidance, lambda_cg, lambda_pg, sampler, batch_size,
                              style_guidance, prompt=prompt, negative_prompt=negative_prompt, latents=latents,
-                             output_type=output_type)
+                             output_type=output_type, keep_product=keep_product)
 
 
 def _check_output_type(output_type: str) -> None:

@@ -92,6 +92,9 @@ class Conditions:
     cg_cond: np.ndarray | None  # (h, w, C) the CG slot's image; None: CG does not run
     pg_cond: np.ndarray | None  # (h, w, 3) c_pg; None: PG does not run
     zero_negative: bool = False  # SDXL: the unconditional context and pooled embedding are zeros
+    # (h, w, 3) in [-1, 1]: an image whose latents are kept in the latent cells the mask covers whole
+    # (`sample`); None: every latent is generated
+    known: np.ndarray | None = None
 
     def prompt_arrays(self) -> dict[str, np.ndarray]:
         """Row 0 the conditional, row 1 the unconditional prompt."""
@@ -129,12 +132,14 @@ def time_ids(height: int, width: int) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("models", "sampler"))
 def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: jax.Array, indices: jax.Array,
            latents: jax.Array | None, mask: jax.Array, cg_cond: jax.Array | None, pg_cond: jax.Array | None,
-           guidance: jax.Array, lambda_cg: jax.Array, lambda_pg: jax.Array,
+           known: jax.Array | None, guidance: jax.Array, lambda_cg: jax.Array, lambda_pg: jax.Array,
            lambda_pg_uncond: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(final latents (B, h/f, w/f, C), images (B, h, w, 3) in [0, 1]) for the images `indices` (B,) of `seed`,
     or from `latents` (B, h/f, w/f, C) instead of the seeded noise; conditions are (B, h, w, ...). The prompts'
     row 0 is the conditional, row 1 the unconditional (negative) prompt. PG's residuals are scaled by
-    `lambda_pg` in the conditional pass, by `lambda_pg_uncond` in the other."""
+    `lambda_pg` in the conditional pass, by `lambda_pg_uncond` in the other. With a `known` image, the latent
+    cells that `mask` covers whole hold its encoding after every step (noised to the next timestep with the
+    initial noise: `Sampler.renoised`), so the product's latents are the VAE's own, not the UNet's guess."""
     _TRACES["sample"] += 1  # runs only while tracing
     vae_cfg, factor = models.vae.config, models.vae_factor
     batch, height, width = mask.shape
@@ -144,6 +149,11 @@ def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: 
     if latents is None:
         latents = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
     x = latents.astype(jnp.float32) * sampler.init_noise_sigma  # as diffusers' prepare_latents, given or drawn
+    if known is not None:
+        mean, _ = models.vae.apply({"params": params["vae"]}, known, method=models.vae.encode)
+        known_x0 = (mean.astype(jnp.float32) - vae_cfg.shift_factor) * vae_cfg.scaling_factor
+        cells = mask.reshape(batch, shape[0], factor, shape[1], factor).min(axis=(2, 4))
+        covered = (cells >= 0.5)[..., None]
 
     # Each image's conditional and unconditional rows sit next to each other ((B, 2, ...) -> (2B, ...)),
     # so the doubled batch stays on the image's device. The unconditional pass keeps the branch conditions
@@ -171,7 +181,10 @@ def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: 
         noise = None
         if sampler.name == "ddpm":
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(step_keys)
-        return sampler.step(state, eps, i, x, noise=noise), None
+        x, state = sampler.step(state, eps, i, x, noise=noise)
+        if known is not None:
+            x = jnp.where(covered, sampler.renoised(known_x0, latents.astype(jnp.float32), i), x)
+        return (x, state), None
 
     (x, _), _ = jax.lax.scan(step, (x, sampler.init_state(x)), jnp.arange(sampler.num_inference_steps))
     images = models.vae.apply({"params": params["vae"]}, x / vae_cfg.scaling_factor + vae_cfg.shift_factor,
@@ -225,7 +238,7 @@ def run(models: Models, params: dict, mesh: Mesh, scheduler_config: dict, settin
         indices = jax.device_put(np.arange(start, start + padded, dtype=np.int32), batched)
         try:
             x, out = sample(models, sampler, params, prompts, np.uint32(seed), indices, given, put(conditions.mask),
-                            put(conditions.cg_cond), put(conditions.pg_cond), *scalars)
+                            put(conditions.cg_cond), put(conditions.pg_cond), put(conditions.known), *scalars)
             xs.append(np.asarray(x)[:n])
             images.append(np.asarray(out)[:n])
         except jax.errors.JaxRuntimeError as e:

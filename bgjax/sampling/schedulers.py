@@ -252,6 +252,15 @@ class Sampler:
         """One step from timesteps[step_index] to the next. `key` / `noise` feed stochastic samplers."""
         raise NotImplementedError
 
+    def renoised(self, x0: jax.Array, noise: jax.Array, step_index: StepIndex) -> jax.Array:
+        """What the sample should hold after step `step_index` where x0 is known: x0 noised to the next
+        timestep (`noise` a fixed standard normal draw), x0 itself after the last step; as diffusers'
+        inpainting pipelines keep the known region with a 4-channel UNet (`scheduler.add_noise(x0, noise,
+        timesteps[i + 1])`)."""
+        last = self.num_inference_steps - 1
+        t_next = jnp.asarray(self.timesteps)[jnp.minimum(step_index + 1, last)]
+        return jnp.where(step_index < last, self.schedule.add_noise(x0, noise, t_next), x0)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DDPMSampler(Sampler):
@@ -361,6 +370,12 @@ class DPMSolverPP2MSampler(Sampler):
     def init_state(self, sample: jax.Array) -> jax.Array:
         return jnp.zeros(sample.shape, jnp.promote_types(sample.dtype, jnp.float32))
 
+    def renoised(self, x0: jax.Array, noise: jax.Array, step_index: StepIndex) -> jax.Array:
+        """(x0 + sigma_next noise) / sqrt(sigma_next^2 + 1): from the sampler's own sigmas, which with Karras
+        sigmas are not those of the rounded timesteps (`DPMSolverMultistepScheduler.add_noise`)."""
+        sigma = jnp.asarray(self.sigmas)[step_index + 1]
+        return (x0 + sigma * noise) / jnp.sqrt(sigma**2 + 1)
+
     def step(self, state: jax.Array, model_output: jax.Array, step_index: StepIndex, sample: jax.Array,
              key: jax.Array | None = None, noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         x0 = _mix(self.x0_table, step_index, sample, model_output)
@@ -406,6 +421,11 @@ class EulerSampler(Sampler):
 
     def scale_model_input(self, sample: jax.Array, step_index: StepIndex) -> jax.Array:
         return sample / jnp.asarray(self.input_scale)[step_index].astype(sample.dtype)
+
+    def renoised(self, x0: jax.Array, noise: jax.Array, step_index: StepIndex) -> jax.Array:
+        """x0 + sigma_next noise: Euler's samples are in the sigma scale (`EulerDiscreteScheduler.add_noise`);
+        sigma is 0 after the last step."""
+        return x0 + jnp.asarray(self.sigmas)[step_index + 1] * noise
 
     def step(self, state: Any, model_output: jax.Array, step_index: StepIndex, sample: jax.Array,
              key: jax.Array | None = None, noise: jax.Array | None = None) -> tuple[jax.Array, Any]:

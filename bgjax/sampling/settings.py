@@ -56,6 +56,7 @@ class GenerationSettings:
     seed: int
     image_format: str = "png"
     quality: int = 95
+    keep_product: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
