@@ -175,3 +175,41 @@ def test_pg_partner_is_drawn_per_example_whatever_the_layout(catalogue):
         for key, value in want.items():
             np.testing.assert_array_equal(two[seed][key], value, err_msg=f"{key} of example {seed}")
     assert sum(not np.array_equal(e["pg_partner_image"], e["image"]) for e in one.values()) >= 6  # another record
+
+
+@pytest.mark.parametrize("fmt", ["arrayrecord", "tfrecord"])
+def test_pg_prompt_swap_names_another_category(catalogue, fmt):
+    """With prompt_swap_probability 1 every example's prompt arrays are another category's row of the tables
+    (never its own, and both others drawn); at 0.5 some are swapped and some kept; the same per example
+    on a rerun; and the image, mask and PG parameters are those of the run without a swap."""
+    root, prompts = catalogue
+
+    def run(p):
+        config = PipelineConfig(batch_size=4, seed=3, crop=CropConfig(resolution=32),
+                                pg=PGAugmentConfig(prompt_swap_probability=p))
+        return _take(iter(make_dataset(root / fmt, config, prompts)), 6)
+
+    def rows(batches):  # the category row each example's prompt arrays come from
+        out = []
+        for b in batches:
+            for j, cid in enumerate(b["category_id"]):
+                match = [c for c in range(len(CATEGORIES))
+                         if all(np.array_equal(b[k][j], prompts[k][c]) for k in prompts)]
+                assert len(match) == 1, (j, match)
+                out.append((int(cid), match[0]))
+        return out
+
+    kept, swapped, half = run(0.0), run(1.0), run(0.5)
+    assert all(own == row for own, row in rows(kept))
+    pairs = rows(swapped)
+    assert all(own != row for own, row in pairs)
+    assert {row for own, row in pairs if own == 0} == {1, 2}  # uniform over the others, not always the next
+    mixed = rows(half)
+    assert 0 < sum(own != row for own, row in mixed) < len(mixed)
+    assert rows(run(1.0)) == pairs
+    for a, b in zip(kept, swapped, strict=True):
+        for key in ("image", "mask", "pg_dilation", "pg_hole_spans", "pg_mix_spans"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with pytest.raises(ValueError, match="prompt_swap_probability.*two categories"):
+        make_dataset(root / fmt, PipelineConfig(batch_size=4, pg=PGAugmentConfig(prompt_swap_probability=0.5)),
+                     {k: v[:1] for k, v in prompts.items()})

@@ -347,6 +347,9 @@ class PGAugmentConfig:
     mix_probability / mix_count / mix_size: probability of mixing another image into regions B,
         (min, max) how many regions, and (min, max) their side / diameter.
     mix_ellipse_probability: probability that a mixed region is an ellipse (else a rectangle).
+    prompt_swap_probability: probability that the example's prompt names another category than its
+        image's (drawn uniformly from the others): the reference must then carry the background's
+        style against the prompt, as a shop's ad of another product does at inference.
     """
 
     dilation_px: tuple[int, int] = (5, 25)
@@ -361,12 +364,14 @@ class PGAugmentConfig:
     mix_count: tuple[int, int] = (1, 3)
     mix_size: tuple[float, float] = (0.1, 0.4)
     mix_ellipse_probability: float = 0.5
+    prompt_swap_probability: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range(self.dilation_px, "dilation_px")
         if self.reference_resolution < 1:
             raise ValueError(f"reference_resolution must be positive, got {self.reference_resolution}")
-        for name in ("rect_probability", "blob_probability", "mix_probability", "mix_ellipse_probability"):
+        for name in ("rect_probability", "blob_probability", "mix_probability", "mix_ellipse_probability",
+                     "prompt_swap_probability"):
             _check_probability(getattr(self, name), name)
         for name in ("rect_count", "blob_count", "mix_count"):
             _check_range(getattr(self, name), name)

@@ -128,18 +128,35 @@ class PGPerturb(grain.transforms.RandomMap):
     """PG's self-supervised reference: only its random parameters (a few KB per image) and the
     partner image are drawn here; the pixels are rendered on the accelerator
     (`bgjax.data.pg_render.pg_condition`). Without `partners` (TFRecord: no random access), the
-    partner is the next image of the local batch (`NextInBatch`)."""
+    partner is the next image of the local batch (`NextInBatch`). With `cfg.prompt_swap_probability`,
+    the example's prompt arrays become another category's row of `prompts` (the tables `Decode` used)."""
 
-    def __init__(self, cfg: PGAugmentConfig, seed: int | None = None, partners: Partners | None = None):
-        self.cfg, self.seed, self.partners = cfg, seed, partners
+    def __init__(self, cfg: PGAugmentConfig, seed: int | None = None, partners: Partners | None = None,
+                 prompts: dict[str, np.ndarray] | None = None):
+        num_categories = len(next(iter(prompts.values()))) if prompts else 0
+        if cfg.prompt_swap_probability and num_categories < 2:
+            raise ValueError(f"data.pg.prompt_swap_probability: {cfg.prompt_swap_probability} needs prompts of at "
+                             f"least two categories to swap between; the data has {num_categories}")
+        self.cfg, self.seed, self.partners, self.prompts = cfg, seed, partners, prompts
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         params = draw_pg_params(element["mask"], example_rng(self.seed, 1, element, rng), self.cfg)
+        if self.cfg.prompt_swap_probability:
+            element = self._swap_prompt(element, example_rng(self.seed, 3, element, rng))
         if self.partners is None:
             return {**element, **params}
         # an example that mixes nothing in (most, by default) reads no partner record
         mixes = (params["pg_mix_spans"][..., 1] > params["pg_mix_spans"][..., 0]).any()
         return {**element, **params, "pg_partner_image": self.partners(element) if mixes else element["image"]}
+
+
+    def _swap_prompt(self, element: dict, rng: np.random.Generator) -> dict:
+        if rng.random() >= self.cfg.prompt_swap_probability:
+            return element
+        own = int(element["category_id"])
+        other = int(rng.integers(len(next(iter(self.prompts.values()))) - 1))
+        other += other >= own  # uniform over the categories other than the image's
+        return {**element, **{k: v[other] for k, v in self.prompts.items()}}
 
 
 class NextInBatch(grain.transforms.Map):
@@ -166,7 +183,7 @@ def make_dataset(data: TrainingData | Path, cfg: PipelineConfig, prompts: dict[s
             ds = ds.random_map(Crop(cfg.crop, cfg.seed))
         if cfg.pg is not None:
             partners = Partners(source, cfg.crop if crop else None, cfg.seed)
-            ds = ds.random_map(PGPerturb(cfg.pg, cfg.seed, partners))
+            ds = ds.random_map(PGPerturb(cfg.pg, cfg.seed, partners, prompts))
         it = ds.batch(cfg.batch_size, drop_remainder=True).to_iter_dataset()
     else:
         files = grain.MapDataset.source(list(data.paths)).seed(cfg.seed).shuffle().repeat(cfg.num_epochs)
@@ -176,7 +193,7 @@ def make_dataset(data: TrainingData | Path, cfg: PipelineConfig, prompts: dict[s
         if crop:
             it = it.random_map(Crop(cfg.crop), seed=cfg.seed)
         if cfg.pg is not None:
-            it = it.random_map(PGPerturb(cfg.pg), seed=cfg.seed + 1)
+            it = it.random_map(PGPerturb(cfg.pg, prompts=prompts), seed=cfg.seed + 1)
         it = it.batch(cfg.batch_size, drop_remainder=True)
         if cfg.pg is not None:
             it = it.map(NextInBatch())
