@@ -185,6 +185,17 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"{row['name']:<24} backgrounds look like: {', '.join(row['background_styles'])}; "
               f"tones {', '.join(f'{t:.2f}' for t in row['background_tones'])}; "
               f"halo {halo:.3f} (ground truth {summary['ground_truth_halo'][style]:.3f}){reference}")
+    m = summary["measures"]
+    right = m["styles_right"]
+    fewest = min(right, key=right.get)
+    print(f"category styles: {sum(right.values())} of {args.num_images * len(right)} outputs have their category's "
+          f"(fewest: {fewest}, {right[fewest]} of {args.num_images})")
+    for name, hits in m["reference_styles_right"].items():
+        print(f"{name}: {hits} of {args.num_images} outputs have the reference's style")
+    print("tones: " + ", ".join(f"{name} {tone:.2f}" for name, tone in m["tones"].items()))
+    worst = max(m["halo_above_ground_truth"], key=m["halo_above_ground_truth"].get)
+    print(f"halo: at most {m['halo_above_ground_truth'][worst]:.3f} above the ground truth's ({worst}; "
+          f"target: at most {m['halo_margin']})")
     print(f"{len(summary['results'])} rows in {summary['seconds']:.1f} s; contact sheet: "
           f"{Path(args.out) / 'contact_sheet.png'}")
 
@@ -336,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--style-guidance", action="store_true",
                    help="guidance amplifies the reference's style too: its unconditional pass runs without PG")
+    p.add_argument("--keep-product", action="store_true",
+                   help="the latents the product covers whole stay the VAE's encoding of the product at every step "
+                        "(as diffusers' inpainting keeps a known region): less colour rings the pasted-back product")
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m, dpmpp_2m_karras, euler or ddpm")
     p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
     p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")

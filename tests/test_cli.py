@@ -50,8 +50,8 @@ def test_configs_load_by_name_or_path_and_are_listed(tmp_path, capsys):
         load_config("tiny_synthetc")
     assert main(["configs"]) == 0
     out = capsys.readouterr().out
-    for name in ("cg_sd15_512", "pg_sd15_512", "cg_sdxl_1024", "pg_sdxl_1024", "tiny_pg", "tiny_synthetic",
-                 "tiny_unet", "tiny_vae"):
+    for name in ("cg_sd15_512", "pg_sd15_512", "cg_sdxl_1024", "pg_sdxl_1024", "tiny_cg", "tiny_pg",
+                 "tiny_synthetic", "tiny_unet", "tiny_vae"):
         assert f"{name} " in out
     assert "CG (stage 1) of a small model on synthetic data" in out
     assert set(bundled_configs()) == {p.stem for p in BUNDLED.glob("[!_]*.py")}

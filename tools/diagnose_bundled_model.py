@@ -53,7 +53,8 @@ def guidance_sweep(pipe: BackgroundPipeline, scales: list[float], steps: int) ->
         for category in synthetic.CATEGORIES:
             cutout = demo.cutout_path(category)
             mask = demo.placed_mask(pipe, np.asarray(Image.open(cutout))[..., 3])
-            images = pipe(product=cutout, category=category, num_images=4, seed=0, steps=steps, guidance=guidance)
+            images = pipe(product=cutout, category=category, num_images=4, seed=0, steps=steps, guidance=guidance,
+                          keep_product=demo.KEEP_PRODUCT)
             stats = demo.row_statistics(images, mask)
             styles = stats["background_styles"]
             print(json.dumps({"what": "guidance", "guidance": guidance, "category": category,
