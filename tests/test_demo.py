@@ -60,7 +60,7 @@ def test_demo_reference_carries_its_style_and_tone(demo):
 def test_demo_products_halo(demo):
     """The ring of colour around the products (synthetic.halo, per row the mean over its outputs, above the
     synthetic ground truth's own level for its style). Issue 18's target is the demo's stated margin, 0.06
-    (the small VAE's own round trip of ground-truth images adds 0.04 to 0.05); the bundled model is at most
+    (the small VAE's own round trip of ground-truth images adds 0.03 to 0.06); the bundled model is at most
     0.115 above (table fan), so this holds it to 0.13: the model before it reached 0.24, and sampling
     without keep_product 0.22 (table fan, a model trained with CG only)."""
     measures = demo["measures"]

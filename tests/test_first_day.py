@@ -59,9 +59,9 @@ def test_first_day_from_the_wheel(installed, tmp_path):
     day.mkdir()
     assert "examples:" in _bgjax(installed, day, "--help")
     listed = _bgjax(installed, day, "configs")
-    assert {line.split()[0] for line in listed.splitlines()[:8]} == {
-        "cg_sd15_512", "cg_sdxl_1024", "pg_sd15_512", "pg_sdxl_1024", "tiny_pg", "tiny_synthetic", "tiny_unet",
-        "tiny_vae"}
+    assert {line.split()[0] for line in listed.splitlines()[:9]} == {
+        "cg_sd15_512", "cg_sdxl_1024", "pg_sd15_512", "pg_sdxl_1024", "tiny_cg", "tiny_pg", "tiny_synthetic",
+        "tiny_unet", "tiny_vae"}
 
     _bgjax(installed, day, "demo")  # as the README says it, defaults and all
     assert Image.open(day / "bgjax_demo" / "contact_sheet.png").size[0] > 0
