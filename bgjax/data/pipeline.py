@@ -133,10 +133,10 @@ class PGPerturb(grain.transforms.RandomMap):
 
     def __init__(self, cfg: PGAugmentConfig, seed: int | None = None, partners: Partners | None = None,
                  prompts: dict[str, np.ndarray] | None = None):
-        num_categories = len(next(iter(prompts.values()))) if prompts else 0
-        if cfg.prompt_swap_probability and num_categories < 2:
+        self.num_categories = len(next(iter(prompts.values()))) if prompts else 0
+        if cfg.prompt_swap_probability and self.num_categories < 2:
             raise ValueError(f"data.pg.prompt_swap_probability: {cfg.prompt_swap_probability} needs prompts of at "
-                             f"least two categories to swap between; the data has {num_categories}")
+                             f"least two categories to swap between; the data has {self.num_categories}")
         self.cfg, self.seed, self.partners, self.prompts = cfg, seed, partners, prompts
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -149,12 +149,11 @@ class PGPerturb(grain.transforms.RandomMap):
         mixes = (params["pg_mix_spans"][..., 1] > params["pg_mix_spans"][..., 0]).any()
         return {**element, **params, "pg_partner_image": self.partners(element) if mixes else element["image"]}
 
-
     def _swap_prompt(self, element: dict, rng: np.random.Generator) -> dict:
         if rng.random() >= self.cfg.prompt_swap_probability:
             return element
         own = int(element["category_id"])
-        other = int(rng.integers(len(next(iter(self.prompts.values()))) - 1))
+        other = int(rng.integers(self.num_categories - 1))
         other += other >= own  # uniform over the categories other than the image's
         return {**element, **{k: v[other] for k, v in self.prompts.items()}}
 

@@ -148,7 +148,8 @@ def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: 
     shape = (height // factor, width // factor, vae_cfg.latent_channels)
     if latents is None:
         latents = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
-    x = latents.astype(jnp.float32) * sampler.init_noise_sigma  # as diffusers' prepare_latents, given or drawn
+    latents = latents.astype(jnp.float32)
+    x = latents * sampler.init_noise_sigma  # as diffusers' prepare_latents, given or drawn
     if known is not None:
         mean, _ = models.vae.apply({"params": params["vae"]}, known, method=models.vae.encode)
         known_x0 = (mean.astype(jnp.float32) - vae_cfg.shift_factor) * vae_cfg.scaling_factor
@@ -183,7 +184,7 @@ def sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: 
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(step_keys)
         x, state = sampler.step(state, eps, i, x, noise=noise)
         if known is not None:
-            x = jnp.where(covered, sampler.renoised(known_x0, latents.astype(jnp.float32), i), x)
+            x = jnp.where(covered, sampler.renoised(known_x0, latents, i), x)
         return (x, state), None
 
     (x, _), _ = jax.lax.scan(step, (x, sampler.init_state(x)), jnp.arange(sampler.num_inference_steps))
