@@ -259,7 +259,7 @@ def _examples(*lines: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bgjax.demo import MODEL, PRODUCTS
+    from bgjax.demo import MODEL, PRODUCTS, STEPS
 
     model, products = shlex.quote(str(MODEL)), shlex.quote(str(PRODUCTS))
     parser = argparse.ArgumentParser(
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bgjax_demo", help="folder for the images, contact_sheet.png and demo.json")
     p.add_argument("--model", default=str(MODEL), help="a bgjax model directory (the default is the bundled one)")
     p.add_argument("--num-images", type=int, default=4, help="images per product")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps per image")
+    p.add_argument("--steps", type=int, default=STEPS, help="sampler steps per image")
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds (else a non-empty OUT is refused)")
     _compile_cache_options(p)
 

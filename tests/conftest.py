@@ -105,6 +105,20 @@ def _order(item: pytest.Item) -> tuple:
     return (1,) if _file(item) in LONGEST_FILES else (2,)
 
 
+# XLA's LLVM optimisation level for every program the suite compiles, here and in its subprocesses (tests/cpu_env.py
+# keeps it): what `program.run` samples with on a CPU anyway. The programs are the same (same HLO, bit-identical
+# images: tools/bench_cpu_compile.py); compiling them takes about a third less time, and compiling is most of the
+# suite (tests/test_train_meshes.py's PG test: 163 s at the default, 99 s at level 1).
+XLA_LEVEL = "--xla_backend_optimization_level=1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before anything compiles (xdist's workers inherit it)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if XLA_LEVEL not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_LEVEL}".strip()
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup, pyproject.toml)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each test file runs on one worker, in order (module fixtures are built once; test_serve's last test

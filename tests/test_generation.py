@@ -21,6 +21,7 @@ from bgjax.method.store import save_method
 from bgjax.sampling.pipeline import BackgroundPipeline
 from bgjax.sampling.program import traces
 from tests.conftest import METHOD_CATEGORIES
+from tests.cpu_env import cpu_env
 
 STEPS = 3
 # Compiled programs are shared by shape: every 32 px call below with num_images=2 reuses one.
@@ -79,7 +80,7 @@ def _arrays(images: list[Image.Image]) -> np.ndarray:
 def eight_devices(model, photo, tmp_path_factory):
     """The 8-device run, started first so that it overlaps the tests below; waited for where used."""
     out = tmp_path_factory.mktemp("eight") / "images.npy"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     command = [sys.executable, "-c", EIGHT_DEVICES, model, photo["folder"] / "photo.npz", out, str(STEPS)]
     process = subprocess.Popen(command, env=env, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True)
     yield process, out

@@ -148,7 +148,8 @@ def test_a_size_that_does_not_fit_is_one_line_naming_the_largest_that_does(bundl
     def exhausted(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 70000000000 bytes.")
 
-    monkeypatch.setattr(program, "sample", exhausted)
+    for jitted in ("sample", "sample_on_cpu"):  # the program for an accelerator and the one for a CPU
+        monkeypatch.setattr(program, jitted, exhausted)
     with pytest.raises(memory.OutOfMemory, match="^512x512 px .*XLA ran out of memory"):
         bundled(PRODUCTS / "coffee_mug.png", category="coffee mug", size=512, num_images=1, steps=STEPS)
 

@@ -4,7 +4,6 @@ config overrides (meshes and restores onto another mesh: test_train_meshes.py). 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from safetensors.numpy import load_file
 from bgjax.cli import main
 from bgjax.models.configs import ConfigError
 from bgjax.train.config_file import load_config
+from tests.cpu_env import cpu_env
 
 CONFIG = "tiny_synthetic"  # a bundled config, by name
 SMALL = ["--config.data.crop.resolution=32", "--config.data.batch_size=8", "--config.log_every=1",
@@ -30,11 +30,6 @@ def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
     assert main(["data", "synthetic", "--out", str(out), "--num", "48", "--size", "48", "--workers", "1"]) == 0
     return out
-
-
-def _env(devices: int = 1) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu"}
 
 
 def _train_args(workdir: Path, data_dir: Path, *extra: str) -> list[str]:
@@ -64,10 +59,10 @@ def test_ctrl_c_and_kill_resume_exactly(tmp_path, data_dir):
     their phases on stderr. (SIGTERM takes the same path: tests/test_train_stop.py.)"""
     steps = ["--config.num_steps=10", "--config.checkpoint_every=2"]
     reference = tmp_path / "reference"
-    subprocess.run(_train_args(reference, data_dir, *steps), env=_env(), check=True, capture_output=True)
+    subprocess.run(_train_args(reference, data_dir, *steps), env=cpu_env(), check=True, capture_output=True)
 
     run = tmp_path / "interrupted"
-    proc = subprocess.Popen(_train_args(run, data_dir, *steps), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train_args(run, data_dir, *steps), env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(run, proc, 3)
     proc.send_signal(signal.SIGINT)
@@ -80,12 +75,12 @@ def test_ctrl_c_and_kill_resume_exactly(tmp_path, data_dir):
     stopped_at = max(_losses(run))
     assert (run / "checkpoints" / str(stopped_at)).is_dir()  # saved at the step it stopped, off the schedule
 
-    proc = subprocess.Popen(_train_args(run, data_dir, *steps), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train_args(run, data_dir, *steps), env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     _wait_for_step(run, proc, 7)
     proc.kill()
     proc.communicate()
-    last = subprocess.run(_train_args(run, data_dir, *steps), env=_env(), check=True, capture_output=True, text=True)
+    last = subprocess.run(_train_args(run, data_dir, *steps), env=cpu_env(), check=True, capture_output=True, text=True)
     assert "bgjax train: resumed from step " in last.stderr
 
     expected, got = _losses(reference), _losses(run)
@@ -106,11 +101,11 @@ def test_two_processes_match_one(tmp_path, data_dir):
     the losses and the trained CG match a single process (relative 1e-5)."""
     steps = ["--config.num_steps=4", "--config.checkpoint_every=2"]
     single = tmp_path / "single"
-    subprocess.run(_train_args(single, data_dir, *steps), env=_env(2), check=True, capture_output=True)
+    subprocess.run(_train_args(single, data_dir, *steps), env=cpu_env(2), check=True, capture_output=True)
     multi, port = tmp_path / "multi", _free_port()
     procs = [subprocess.Popen(_train_args(multi, data_dir, *steps, "--coordinator", f"localhost:{port}",
                                           "--num-processes", "2", "--process-id", str(i)),
-                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)

@@ -6,7 +6,6 @@ mesh restores onto another. Tiny models at 32 px on simulated CPU devices, fp32.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from bgjax.cli import main
+from tests.cpu_env import cpu_env
 
 CONFIG = Path(__file__).parent.parent / "bgjax" / "configs" / "tiny_synthetic.py"
 SMALL = ["--config.data.crop.resolution=32", "--config.data.batch_size=8", "--config.log_every=1",
@@ -31,10 +31,6 @@ def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
     assert main(["data", "synthetic", "--out", str(out), "--num", "48", "--size", "48", "--workers", "1"]) == 0
     return out
-
-
-def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
 
 
 # Trains `steps` steps on each mesh of argv[4] (JSON name -> [data, fsdp, tensor], [] = one device, a
@@ -111,7 +107,7 @@ def _meshes(tmp_path: Path, data_dir: Path, meshes: dict, *extra: str, steps: in
     script.write_text(SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(CONFIG), str(data_dir), str(tmp_path), json.dumps(meshes),
                            str(steps), "restore" if restore else "-", f"--config.data.dir={data_dir}", *SMALL, *extra],
-                          env=_env(8), capture_output=True, text=True, timeout=1800)
+                          env=cpu_env(8), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
@@ -161,10 +157,10 @@ def test_pg_on_two_processes_with_fsdp_across_them_matches_one_device(tmp_path, 
             *SMALL, "--config.stage='pg'", "--config.data.pg.mix_probability=1.0", "--config.num_steps=3",
             "--config.checkpoint_every=3"]
     single, multi, port = tmp_path / "single", tmp_path / "multi", _free_port()
-    subprocess.run([*args, "--workdir", str(single)], env=_env(1), check=True, capture_output=True, timeout=900)
+    subprocess.run([*args, "--workdir", str(single)], env=cpu_env(1), check=True, capture_output=True, timeout=900)
     procs = [subprocess.Popen([*args, "--workdir", str(multi), "--config.mesh.fsdp=8", "--coordinator",
                                f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=900)

@@ -67,7 +67,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=demo.MODEL)
     p.add_argument("--guidance", type=float, nargs="*", default=[7.5, 3.0, 1.5])
-    p.add_argument("--steps", type=int, default=20, help="as the demo")
+    p.add_argument("--steps", type=int, default=demo.STEPS, help="as the demo")
     p.add_argument("--per-category", type=int, default=40, help="ground-truth images per category for the VAE")
     p.add_argument("--seed", type=int, default=99, help="of the ground-truth images (the classifier's is 12345)")
     args = p.parse_args()
