@@ -16,7 +16,8 @@ from bgjax.train import TrainingDiverged
 from bgjax.train.checkpoint import Checkpoints, abstract
 from bgjax.train.config_file import load_config
 from bgjax.train.loop import Preemption, train
-from tests.test_train import CONFIG, SMALL, _env, _free_port, _train_args, _wait_for_step, data_dir  # noqa: F401
+from tests.cpu_env import cpu_env
+from tests.test_train import CONFIG, SMALL, _free_port, _train_args, _wait_for_step, data_dir  # noqa: F401
 
 
 def _config(data_dir, *extra):  # noqa: F811
@@ -82,7 +83,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, d
     procs = [subprocess.Popen(_train_args(run, data_dir, "--config.num_steps=200", "--config.checkpoint_every=200",
                                           "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                           "--process-id", str(i)),
-                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     _wait_for_step(run, procs[0], 2)
     procs[1].send_signal(signal.SIGTERM)
