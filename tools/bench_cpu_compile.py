@@ -1,5 +1,6 @@
-"""The sampling program on the CPU at XLA's default LLVM optimisation level and at `program.CPU_COMPILER_OPTIONS`
-(what `program.run` uses on a CPU): compile time, time per call and whether the images agree bit for bit.
+"""The sampling program on the CPU at XLA's default LLVM optimisation level and at level 1
+(`program.sample_on_cpu`, what `program.run` uses on a CPU): compile time, time per call and whether the
+images agree bit for bit.
 
     python tools/bench_cpu_compile.py                      # the bundled model, the demo's 64 px row: ~1 min
     python tools/bench_cpu_compile.py --size 256 --steps 5 # larger latents, where run time outweighs compiling

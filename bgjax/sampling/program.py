@@ -195,9 +195,9 @@ def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed:
 # XLA's CPU backend compiles the sampling program in 28 to 32 % less time at LLVM optimisation level 1 than at its
 # default, to the same images bit for bit and no slower per call (tools/bench_cpu_compile.py, the bundled model at
 # 64 and 256 px); GPUs and TPUs compile with their defaults.
-CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 sample = jax.jit(_sample, static_argnames=("models", "sampler"))
-sample_on_cpu = jax.jit(_sample, static_argnames=("models", "sampler"), compiler_options=CPU_COMPILER_OPTIONS)
+sample_on_cpu = jax.jit(_sample, static_argnames=("models", "sampler"),
+                        compiler_options={"xla_backend_optimization_level": 1})
 
 
 def _check_count(value, what: str, low: int) -> int:
@@ -247,7 +247,7 @@ def run(models: Models, params: dict, mesh: Mesh, scheduler_config: dict, settin
         indices = jax.device_put(np.arange(start, start + padded, dtype=np.int32), batched)
         try:
             x, out = program(models, sampler, params, prompts, np.uint32(seed), indices, given, put(conditions.mask),
-                            put(conditions.cg_cond), put(conditions.pg_cond), put(conditions.known), *scalars)
+                             put(conditions.cg_cond), put(conditions.pg_cond), put(conditions.known), *scalars)
             xs.append(np.asarray(x)[:n])
             images.append(np.asarray(out)[:n])
         except jax.errors.JaxRuntimeError as e:
