@@ -42,8 +42,7 @@ def main() -> None:
 
     call = (np.uint32(0), np.arange(args.batch, dtype=np.int32), None, batched(conditions.mask),
             batched(conditions.cg_cond), None, batched(conditions.known), *[np.float32(s) for s in (7.5, 1, 0, 0)])
-    jitted = {"default": jax.jit(program._sample, static_argnames=("models", "sampler")),
-              "cpu_options": program.sample_on_cpu}
+    jitted = {"default": program.sample, "cpu_options": program.sample_on_cpu}
     compiled, compile_s = {}, {}
     for name, fn in jitted.items():
         lowered = fn.lower(pipe.models, sampler, pipe.params, conditions.prompt_arrays(), *call)
