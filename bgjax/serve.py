@@ -39,6 +39,8 @@ class Defaults:
     num_images: int = 4
     guidance: float = 7.5
     seed: int = 0
+    # The product's own latents in the cells it covers (`BackgroundPipeline`'s keep_product): fewer halos.
+    keep_product: bool = True
 
 
 class BadInput(ValueError):
@@ -135,10 +137,10 @@ class App:
         mask[photo.shape[0] // 4:-photo.shape[0] // 4, photo.shape[1] // 4:-photo.shape[1] // 4] = 255
         d = self.defaults
         self.pipe(product=photo, mask=mask, category=self.categories[0] if self.categories else "product",
-                  num_images=d.num_images, seed=d.seed, steps=d.steps, guidance=d.guidance)
+                  num_images=d.num_images, seed=d.seed, steps=d.steps, guidance=d.guidance, keep_product=d.keep_product)
 
     def generate(self, product, kind, mask_file, editor, category, reference, reference_mask, aspect, guidance,
-                 steps, lambda_cg, lambda_pg, seed, num_images) -> list[tuple[Image.Image, str]]:
+                 steps, lambda_cg, lambda_pg, seed, num_images, keep_product) -> list[tuple[Image.Image, str]]:
         import gradio as gr
 
         try:
@@ -151,7 +153,8 @@ class App:
                 ref_mask = _image(reference_mask, "reference mask") if reference_mask else None
             images = self.pipe(product=photo, mask=mask, category=category, reference=ref, reference_mask=ref_mask,
                                num_images=int(num_images), seed=int(seed), steps=int(steps), guidance=float(guidance),
-                               lambda_cg=float(lambda_cg), lambda_pg=float(lambda_pg) if ref is not None else None)
+                               lambda_cg=float(lambda_cg), lambda_pg=float(lambda_pg) if ref is not None else None,
+                               keep_product=bool(keep_product))
         except (BadInput, ValueError) as e:  # the pipeline's ValueErrors name the input and the problem
             raise gr.Error(str(e), print_exception=False) from None
         return [(image, f"{category}, seed {int(seed)}, image {k}") for k, image in enumerate(images)]
@@ -207,13 +210,15 @@ def build_page(app: App):
                                           "(reference style)", visible=pipe.has_pg, elem_id="lambda_pg")
                     seed = gr.Slider(0, 2**31 - 1, value=d.seed, step=1, label="Seed", elem_id="seed")
                     num_images = gr.Slider(1, 8, value=d.num_images, step=1, label="Images", elem_id="num_images")
+                    keep_product = gr.Checkbox(value=d.keep_product, label="Keep the product's own latents "
+                                               "(fewer halos at its edge)", elem_id="keep_product")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Results", format="png", columns=2, buttons=["download", "fullscreen"],
                                      elem_id="results")
         product.change(_editor_background, product, editor)
         run.click(app.generate, [product, kind, mask_file, editor, category, reference, reference_mask, aspect,
-                                 guidance, steps, lambda_cg, lambda_pg, seed, num_images], gallery)
+                                 guidance, steps, lambda_cg, lambda_pg, seed, num_images, keep_product], gallery)
     return page
 
 

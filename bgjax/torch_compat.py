@@ -218,7 +218,8 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                  prompt: str | None = None, negative_prompt: str = "", latents: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, size: int | None = None, width: int | None = None,
                  height: int | None = None, placement: Sequence[float] = DEFAULT_PLACEMENT,
-                 feather: int | None = None, output_type: str = "pil", return_dict: bool = True):
+                 feather: int | None = None, keep_product: bool = False, output_type: str = "pil",
+                 return_dict: bool = True):
         """Ad images of the product, as `BackgroundPipeline(product, mask, category, reference, ...)` makes them.
 
         Inputs and canvas (`size`, or `width` x `height`; `placement`, `feather`) as in bgjax. `lambda_cg` /
@@ -226,7 +227,10 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         runs without PG (by default it keeps PG, as bgjax's). `prompt` replaces the method's template
         (`{category}`, `{identifier}`), `negative_prompt` is the unconditional pass's. `latents`: (N, C, h, w)
         NCHW, scaled by the scheduler's initial sigma (else drawn from `generator`: other noise than bgjax's
-        seeds, which are JAX's). `output_type` "pil" or "np" ((N, H, W, 3) float32 in [0, 1])."""
+        seeds, which are JAX's). `keep_product`: after every step the latent cells the product covers whole
+        hold the VAE's encoding of the product, noised to the next timestep by `scheduler.add_noise` with the
+        initial latents as the noise (bgjax's `keep_product`). `output_type` "pil" or "np" ((N, H, W, 3) float32
+        in [0, 1])."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
         prepared = self.inputs.prepare(product, mask, category, reference, reference_mask, size, placement, feather,
@@ -257,16 +261,27 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected NCHW shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(self.device, torch.float32)
+        shift = self.vae.config.shift_factor or 0.0
+        if keep_product:
+            product = rows(prepared.cg_cond.transpose(2, 0, 1))[None]
+            known = (self.vae.encode(product).latent_dist.mean.float() - shift) * self.vae.config.scaling_factor
+            cells = -F.max_pool2d(-rows(prepared.mask)[None, None].float(), self.vae_scale_factor)
+            covered = cells >= 0.5
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        x = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
-        for t in self.progress_bar(self.scheduler.timesteps):
+        timesteps = self.scheduler.timesteps
+        x = latents.to(self.unet.dtype) * self.scheduler.init_noise_sigma
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
             eps = self.denoiser(model_input, t, context, product_mask, fg, bg, cg_cond, pg_cond,
                                 lambda_cg or 0.0, pg_scales)
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
-        shift = self.vae.config.shift_factor or 0.0
+            if keep_product:
+                renoised = self.scheduler.add_noise(known, latents, timesteps[i + 1:i + 2]) \
+                    if i + 1 < len(timesteps) else known
+                x = torch.where(covered, renoised.to(x.dtype), x)
         images = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
         images = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         out = paste_back(images, prepared)

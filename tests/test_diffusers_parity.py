@@ -96,16 +96,23 @@ def _check(ours_latents, ours_images, ref_latents, ref_images, what: str) -> Non
     assert image_err < 1e-4, what
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_text_to_image_matches_stable_diffusion_pipeline(folders, bgjax_pipe, latents, sampler):
+def _text_to_image(pipe: BackgroundPipeline, sampler: str, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(final latents, images) of bgjax's text_to_image with the settings `_diffusers` uses."""
     common = dict(negative_prompt=NEGATIVE, latents=latents, num_images=NUM, steps=STEPS, guidance=GUIDANCE,
                   sampler=sampler, width=SIZE, height=SIZE)
-    ours_x = bgjax_pipe.text_to_image(PROMPT, output_type="latent", **common)
-    ours_im = bgjax_pipe.text_to_image(PROMPT, output_type="np", **common)
+    return (pipe.text_to_image(PROMPT, output_type="latent", **common),
+            pipe.text_to_image(PROMPT, output_type="np", **common))
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_text_to_image_matches_stable_diffusion_pipeline(folders, bgjax_pipe, latents, sampler):
+    ours_x, ours_im = _text_to_image(bgjax_pipe, sampler, latents)
     ref_x, ref_im = _diffusers(StableDiffusionPipeline, folders[0], sampler, latents)
     _check(ours_x, ours_im, ref_x, ref_im, f"text_to_image {sampler}")
     # The negative prompt is used: another one moves the result far beyond the tolerance.
-    other = bgjax_pipe.text_to_image(PROMPT, output_type="latent", **{**common, "negative_prompt": ""})
+    other = bgjax_pipe.text_to_image(PROMPT, output_type="latent", negative_prompt="", latents=latents,
+                                     num_images=NUM, steps=STEPS, guidance=GUIDANCE, sampler=sampler, width=SIZE,
+                                     height=SIZE)
     assert rel_err(other, ref_x) > 1e-2
 
 
@@ -152,6 +159,29 @@ def test_non_square_text_to_image_matches(folders, bgjax_pipe):
                                     guidance=GUIDANCE, sampler="dpmpp_2m", width=SIZE, height=16, output_type="np")
     assert ours.shape == (NUM, 16, SIZE, 3)
     assert float(np.abs(ours - ref).max()) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def zero_snr_folders(folders, tmp_path_factory) -> tuple[Path, Path]:
+    """The same pipeline as a zero-terminal-SNR v-prediction model (how the bundled model trains): diffusers'
+    DDIMScheduler with those arguments writes the scheduler config, then `bgjax convert`."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("zero_snr")
+    shutil.copytree(folders[0], root / "diffusers")
+    scheduler = DDIMScheduler.from_pretrained(folders[0] / "scheduler", prediction_type="v_prediction",
+                                              timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    scheduler.save_pretrained(root / "diffusers" / "scheduler")
+    assert main(["convert", str(root / "diffusers"), "--out", str(root / "model")]) == 0
+    return root / "diffusers", root / "model"
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_zero_terminal_snr_v_prediction_matches_stable_diffusion_pipeline(zero_snr_folders, latents, sampler):
+    """With the betas left unrescaled the latents are 1e-2 to 3e-2 off (relative), far past the 1e-4 here."""
+    ours_x, ours_im = _text_to_image(BackgroundPipeline.from_pretrained(zero_snr_folders[1]), sampler, latents)
+    ref_x, ref_im = _diffusers(StableDiffusionPipeline, zero_snr_folders[0], sampler, latents)
+    _check(ours_x, ours_im, ref_x, ref_im, f"zero terminal SNR {sampler}")
 
 
 @pytest.mark.slow

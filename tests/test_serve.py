@@ -209,7 +209,8 @@ def test_mask_sources_in_order_and_aspect_ratios(tmp_path):
 def test_the_handler_turns_bad_input_into_messages(tmp_path):
     app = App(BackgroundPipeline.from_pretrained(MODEL), Defaults(steps=2, num_images=1))
     settings = dict(kind=PHOTO, mask_file=None, editor=None, reference=None, reference_mask=None,
-                    aspect="as uploaded", guidance=7.5, steps=2, lambda_cg=1.0, lambda_pg=1.0, seed=0, num_images=1)
+                    aspect="as uploaded", guidance=7.5, steps=2, lambda_cg=1.0, lambda_pg=1.0, seed=0, num_images=1,
+                    keep_product=True)
     with pytest.raises(gr.Error, match="category 'teapot': this model knows coffee mug, desk lamp"):
         app.generate(str(PRODUCT), category="teapot", **settings)
     bomb = tmp_path / "huge.png"
@@ -222,3 +223,27 @@ def test_the_handler_turns_bad_input_into_messages(tmp_path):
     Image.new("L", (64, 64)).save(empty)
     with pytest.raises(gr.Error, match="mask: no product pixels"):
         app.generate(str(PRODUCT), category="rice cooker", **{**settings, "mask_file": str(empty)})
+
+
+def test_the_keep_product_checkbox_reaches_the_pipeline():
+    """The page's settings, the checkbox included, arrive in the pipeline call (a handler that dropped it would
+    always generate with the pipeline's default, off)."""
+    calls = []
+    pipe = BackgroundPipeline.from_pretrained(MODEL)
+    app = App(pipe, Defaults(steps=2, num_images=1))
+    assert Defaults().keep_product  # the page starts with it on, as the demo runs
+
+    class Recorder:
+        resolution = pipe.resolution
+
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return [Image.new("RGB", (8, 8))]
+
+    app.pipe = Recorder()
+    settings = dict(kind=CUTOUT, mask_file=None, editor=None, reference=None, reference_mask=None,
+                    aspect="as uploaded", guidance=7.5, steps=2, lambda_cg=1.0, lambda_pg=1.0, seed=3, num_images=1)
+    for keep in (True, False):
+        app.generate(str(PRODUCT), category="rice cooker", keep_product=keep, **settings)
+    assert [c["keep_product"] for c in calls] == [True, False]
+    assert calls[0]["seed"] == 3 and calls[0]["steps"] == 2

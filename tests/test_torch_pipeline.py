@@ -83,10 +83,11 @@ def test_the_export_names_the_pipeline_diffusers_loads(exported, theirs, inputs)
     assert theirs.inputs.vocabulary.names == index["method"]["categories"]
 
 
-@pytest.mark.parametrize(("sampler", "style_guidance", "canvas"),
-                         [("dpmpp_2m", False, None), ("dpmpp_2m", True, None), ("euler", True, (64, 32))],
-                         ids=["pg-in-both-passes", "style-guidance", "euler-64x32"])
-def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_guidance, canvas):
+@pytest.mark.parametrize(("sampler", "style_guidance", "canvas", "keep_product"),
+                         [("dpmpp_2m", False, None, False), ("dpmpp_2m", True, None, False),
+                          ("euler", True, (64, 32), False), ("euler", False, None, True)],
+                         ids=["pg-in-both-passes", "style-guidance", "euler-64x32", "euler-keep-product"])
+def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_guidance, canvas, keep_product):
     """Identifier, CG, PG, guidance mode and paste-back all agree within 1e-4 (images in [0, 1], product
     pasted back), on the same latents; and each part (identifier, CG, PG, the guidance mode) moves the images by
     ten times the tolerance or more, so a pipeline ignoring any of them fails. (Shown on the PyTorch side, where
@@ -94,7 +95,7 @@ def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_
     width, height = canvas or (None, None)
     latents = inputs["wide_latents"] if canvas else inputs["latents"]
     common = dict(reference=inputs["reference"], reference_mask=inputs["reference_mask"], width=width,
-                  height=height, style_guidance=style_guidance, output_type="np")
+                  height=height, style_guidance=style_guidance, keep_product=keep_product, output_type="np")
     want = ours(inputs["product"], inputs["mask"], "lamp", num_images=NUM, steps=STEPS, sampler=sampler,
                 latents=latents, **common)
     theirs.scheduler = SCHEDULERS[sampler].from_config(theirs.scheduler.config)  # as a diffusers user switches
@@ -110,7 +111,7 @@ def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_
           f"max abs {err:.2e}")
     assert got.shape == want.shape == (NUM, *((height, width) if canvas else (32, 32)), 3)
     assert err < 1e-4
-    if style_guidance or canvas:
+    if style_guidance or canvas or keep_product:
         return
 
     def moved(**change) -> float:
@@ -119,6 +120,7 @@ def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_
     assert moved(lambda_cg=0.0) > 1e-3
     assert moved(reference=None, reference_mask=None) > 1e-3
     assert moved(style_guidance=True) > 1e-3
+    assert moved(keep_product=True) > 1e-3
     identifiers = theirs._identifier_ids
     try:  # the placeholder's own embedding instead of the category's identifier
         prompt = theirs.inputs.prompts("lamp")

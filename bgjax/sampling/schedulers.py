@@ -37,7 +37,6 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # fields (algorithm_type, solver_order, solver_type, use_karras_sigmas, ...) are ignored: the name decides.
 _DEFAULT_ONLY: dict[str, tuple] = {
     "trained_betas": (None,),
-    "rescale_betas_zero_snr": (False,),
     "thresholding": (False,),
     "variance_type": (None, "fixed_small"),
     "timestep_type": ("discrete",),
@@ -83,6 +82,7 @@ class NoiseSchedule:
     timestep_spacing: str = "leading"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False
     betas: np.ndarray = dataclasses.field(init=False, repr=False)
     alphas_cumprod: np.ndarray = dataclasses.field(init=False, repr=False)
 
@@ -98,13 +98,17 @@ class NoiseSchedule:
             raise _bad("timestep_spacing", self.timestep_spacing, f"one of {TIMESTEP_SPACINGS}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
             raise _bad("steps_offset", self.steps_offset, "an int >= 0")
-        for field in ("set_alpha_to_one", "clip_sample"):
+        for field in ("set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr"):
             if not isinstance(getattr(self, field), bool):
                 raise _bad(field, getattr(self, field), "a bool")
         if not 0 < self.beta_start < 1:
             raise _bad("beta_start", self.beta_start, "a float in (0, 1)")
         if not 0 < self.beta_end < 1:
             raise _bad("beta_end", self.beta_end, "a float in (0, 1)")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            # At zero terminal SNR the last timestep holds no signal, so an epsilon model cannot give x0 there
+            # (diffusers' DDIM divides by zero).
+            raise _bad("rescale_betas_zero_snr", True, "False with prediction_type 'epsilon' (use v_prediction)")
 
         if self.beta_schedule == "linear":
             betas = np.linspace(self.beta_start, self.beta_end, n)
@@ -116,6 +120,8 @@ class NoiseSchedule:
 
             betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
         betas = betas.astype(np.float32)
+        if self.rescale_betas_zero_snr:
+            betas = _zero_terminal_snr(betas)
         alphas = np.float32(1.0) - betas
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", np.cumprod(alphas.astype(np.float64)).astype(np.float32))
@@ -137,8 +143,12 @@ class NoiseSchedule:
 
     @functools.cached_property
     def sigmas(self) -> np.ndarray:
-        """sqrt((1 - ᾱ_t) / ᾱ_t) per training timestep, float32 as diffusers computes it."""
-        ac = self.alphas_cumprod
+        """sqrt((1 - ᾱ_t) / ᾱ_t) per training timestep, float32 as diffusers computes it. At zero terminal
+        SNR, diffusers' sigma-space schedulers (Euler, DPM-Solver) take the last ᾱ as 2^-24 so the first
+        sigma is finite (4096)."""
+        ac = self.alphas_cumprod.copy()
+        if self.rescale_betas_zero_snr:
+            ac[-1] = np.float32(2.0**-24)
         return np.sqrt((np.float32(1.0) - ac) / ac)
 
     @functools.cached_property
@@ -160,6 +170,16 @@ class NoiseSchedule:
         a = _per_row(self._sqrt_alphas_cumprod, t, x0)
         s = _per_row(self._sqrt_one_minus_alphas_cumprod, t, x0)
         return a * noise - s * x0
+
+
+def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. (2024), Algorithm 1, as diffusers' `rescale_zero_terminal_snr`: shift and scale sqrt(ᾱ) so
+    it keeps its first value and ends at exactly 0, i.e. the last timestep is pure noise."""
+    root = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
+    first, last = root[0], root[-1]
+    alpha_bar = ((root - last) * (first / (first - last))) ** 2
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (1.0 - alphas).astype(np.float32)
 
 
 def _per_row(table: np.ndarray, t: jax.Array | int, like: jax.Array) -> jax.Array:
@@ -445,6 +465,11 @@ def make_sampler(name: str, config: Mapping[str, Any], num_inference_steps: int)
     if name not in SAMPLERS:
         raise ValueError(f"sampler name {name!r} is not supported: expected one of {SAMPLERS}")
     schedule = NoiseSchedule.from_config({"timestep_spacing": _DEFAULT_SPACING[name], **config})
+    if name == "dpmpp_2m_karras" and schedule.rescale_betas_zero_snr:
+        # Karras sigmas from 4096 round their first timesteps to the same 999; diffusers then steps past the
+        # end of its sigmas (IndexError), so there is no reference to match.
+        raise ValueError("sampler 'dpmpp_2m_karras' does not support rescale_betas_zero_snr=True: "
+                         "use dpmpp_2m, ddim, ddpm or euler")
     if name == "ddpm":
         return DDPMSampler.create(schedule, num_inference_steps)
     if name == "ddim":
