@@ -163,7 +163,7 @@ def test_non_square_text_to_image_matches(folders, bgjax_pipe):
 
 @pytest.fixture(scope="module")
 def zero_snr_folders(folders, tmp_path_factory) -> tuple[Path, Path]:
-    """The same pipeline as a zero-terminal-SNR v-prediction model (how the bundled model trains): diffusers'
+    """The same pipeline as a zero-terminal-SNR v-prediction model (Lin et al. 2024): diffusers'
     DDIMScheduler with those arguments writes the scheduler config, then `bgjax convert`."""
     import shutil
 

@@ -16,7 +16,7 @@ SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "be
 CONFIGS = {
     "sd": SD,  # no timestep_spacing: each class's own default (leading / linspace)
     "sd_v_trailing": {**SD, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
-    # Zero terminal SNR (Lin et al. 2024), as the bundled model trains: the first step sees pure noise.
+    # Zero terminal SNR (Lin et al. 2024), with the v-prediction it needs: the first step sees pure noise.
     "sd_v_zero_snr": {**SD, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
                       "rescale_betas_zero_snr": True},
     "defaults": {},  # linear betas, clip_sample and set_alpha_to_one True for DDPM / DDIM

@@ -206,8 +206,13 @@ def test_mask_sources_in_order_and_aspect_ratios(tmp_path):
         product_inputs(str(PRODUCTS / "reference_dark.png"), CUTOUT, None, None, "1:1", 64)
 
 
-def test_the_handler_turns_bad_input_into_messages(tmp_path):
-    app = App(BackgroundPipeline.from_pretrained(MODEL), Defaults(steps=2, num_images=1))
+@pytest.fixture(scope="module")
+def bundled() -> BackgroundPipeline:
+    return BackgroundPipeline.from_pretrained(MODEL)
+
+
+def test_the_handler_turns_bad_input_into_messages(bundled, tmp_path):
+    app = App(bundled, Defaults(steps=2, num_images=1))
     settings = dict(kind=PHOTO, mask_file=None, editor=None, reference=None, reference_mask=None,
                     aspect="as uploaded", guidance=7.5, steps=2, lambda_cg=1.0, lambda_pg=1.0, seed=0, num_images=1,
                     keep_product=True)
@@ -225,16 +230,15 @@ def test_the_handler_turns_bad_input_into_messages(tmp_path):
         app.generate(str(PRODUCT), category="rice cooker", **{**settings, "mask_file": str(empty)})
 
 
-def test_the_keep_product_checkbox_reaches_the_pipeline():
+def test_the_keep_product_checkbox_reaches_the_pipeline(bundled):
     """The page's settings, the checkbox included, arrive in the pipeline call (a handler that dropped it would
     always generate with the pipeline's default, off)."""
     calls = []
-    pipe = BackgroundPipeline.from_pretrained(MODEL)
-    app = App(pipe, Defaults(steps=2, num_images=1))
+    app = App(bundled, Defaults(steps=2, num_images=1))
     assert Defaults().keep_product  # the page starts with it on, as the demo runs
 
     class Recorder:
-        resolution = pipe.resolution
+        resolution = bundled.resolution
 
         def __call__(self, **kwargs):
             calls.append(kwargs)

@@ -85,6 +85,9 @@ def noise_mean(pipe: BackgroundPipeline, guidance: float, steps: int, num: int) 
                               "tones": stats["background_tones"]}), flush=True)
 
 
+MEASURES = ("vae", "guidance", "noise")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=demo.MODEL)
@@ -93,7 +96,7 @@ def main() -> None:
     p.add_argument("--per-category", type=int, default=40, help="ground-truth images per category for the VAE")
     p.add_argument("--seed", type=int, default=99, help="of the ground-truth images (the classifier's is 12345)")
     p.add_argument("--noise-images", type=int, default=8, help="images per category for `noise`")
-    p.add_argument("--what", nargs="*", default=["vae", "guidance", "noise"], choices=["vae", "guidance", "noise"])
+    p.add_argument("--what", nargs="*", default=list(MEASURES), choices=MEASURES)
     args = p.parse_args()
     pipe = BackgroundPipeline.from_pretrained(args.model)
     if "vae" in args.what:
