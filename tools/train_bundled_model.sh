@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces bgjax/assets/tiny_model, the model `bgjax demo` uses: synthetic data, then the VAE,
-# the text-to-image UNet, CG (stage 1) and PG (stage 2), each with `bgjax train`. 2-core CPU: about 70 min.
+# the text-to-image UNet, CG (stage 1) and PG (stage 2), each with `bgjax train`. 2-core CPU: 75 min (this project's VM).
 set -euo pipefail
 RUNS=${RUNS:-runs}
 [ -f "$RUNS/synthetic64/manifest.json" ] || bgjax data synthetic --out "$RUNS/synthetic64" --num 2000 --size 64 --seed 0

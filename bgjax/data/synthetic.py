@@ -36,7 +36,9 @@ HALO_RING, HALO_REFERENCE = 3, (4, 8)
 
 # Background style per category (same order as CATEGORIES): base colour and pattern kind.
 _STYLES: tuple[tuple[tuple[int, int, int], str], ...] = (
-    ((235, 215, 180), "vertical_gradient"),  # warm beige, light at the top
+    # warm amber, light at the top: saturated and steep enough to stay apart from the grey tiles when a pastel
+    # tone lifts it toward white (beige (235, 215, 180) at 0.45 lost its style in 15 % of a small VAE's round trips)
+    ((230, 180, 110), "vertical_gradient"),
     ((90, 140, 230), "horizontal_stripes"),  # cool blue
     ((70, 170, 90), "soft_noise"),  # green
     ((170, 90, 200), "radial_vignette"),  # purple
@@ -90,7 +92,7 @@ def _background(style: int, size: int, tone: float, rng: np.random.Generator) ->
     yy, xx = (np.mgrid[:size, :size] + 0.5) / size
     jitter, phase = rng.uniform(0.85, 1.15), rng.uniform(0, 1)
     if kind == "vertical_gradient":
-        shade = 1.0 - 0.45 * jitter * yy
+        shade = 1.0 - 0.6 * jitter * yy
     elif kind == "horizontal_stripes":
         shade = 0.78 + 0.22 * np.sign(np.sin(2 * np.pi * (yy * 8 * jitter + phase)))
     elif kind == "soft_noise":
