@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-product", action="store_true",
                    help="the latents the product covers whole stay the VAE's encoding of the product at every step "
                         "(as diffusers' inpainting keeps a known region): less colour rings the pasted-back product")
+    p.add_argument("--edge-fill", action="store_true",
+                   help="before decoding, the latents at the product's edge are refilled from the background around "
+                        "them, so the decoder does not spread the product's colour into it (a smooth background "
+                        "within about two latent cells of the product)")
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m, dpmpp_2m_karras, euler or ddpm")
     p.add_argument("--lambda-cg", type=float, help="CG residual scale (default: the model's method.json)")
     p.add_argument("--lambda-pg", type=float, help="PG residual scale (default: the model's method.json)")

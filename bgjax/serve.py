@@ -41,6 +41,8 @@ class Defaults:
     seed: int = 0
     # The product's own latents in the cells it covers (`BackgroundPipeline`'s keep_product): fewer halos.
     keep_product: bool = True
+    # The latents at its edge refilled from the background before decoding (`edge_fill`): no rim of its colour.
+    edge_fill: bool = True
 
 
 class BadInput(ValueError):
@@ -137,10 +139,12 @@ class App:
         mask[photo.shape[0] // 4:-photo.shape[0] // 4, photo.shape[1] // 4:-photo.shape[1] // 4] = 255
         d = self.defaults
         self.pipe(product=photo, mask=mask, category=self.categories[0] if self.categories else "product",
-                  num_images=d.num_images, seed=d.seed, steps=d.steps, guidance=d.guidance, keep_product=d.keep_product)
+                  num_images=d.num_images, seed=d.seed, steps=d.steps, guidance=d.guidance, keep_product=d.keep_product,
+                  edge_fill=d.edge_fill)
 
     def generate(self, product, kind, mask_file, editor, category, reference, reference_mask, aspect, guidance,
-                 steps, lambda_cg, lambda_pg, seed, num_images, keep_product) -> list[tuple[Image.Image, str]]:
+                 steps, lambda_cg, lambda_pg, seed, num_images, keep_product,
+                 edge_fill) -> list[tuple[Image.Image, str]]:
         import gradio as gr
 
         try:
@@ -154,7 +158,7 @@ class App:
             images = self.pipe(product=photo, mask=mask, category=category, reference=ref, reference_mask=ref_mask,
                                num_images=int(num_images), seed=int(seed), steps=int(steps), guidance=float(guidance),
                                lambda_cg=float(lambda_cg), lambda_pg=float(lambda_pg) if ref is not None else None,
-                               keep_product=bool(keep_product))
+                               keep_product=bool(keep_product), edge_fill=bool(edge_fill))
         except (BadInput, ValueError) as e:  # the pipeline's ValueErrors name the input and the problem
             raise gr.Error(str(e), print_exception=False) from None
         return [(image, f"{category}, seed {int(seed)}, image {k}") for k, image in enumerate(images)]
@@ -212,13 +216,16 @@ def build_page(app: App):
                     num_images = gr.Slider(1, 8, value=d.num_images, step=1, label="Images", elem_id="num_images")
                     keep_product = gr.Checkbox(value=d.keep_product, label="Keep the product's own latents "
                                                "(fewer halos at its edge)", elem_id="keep_product")
+                    edge_fill = gr.Checkbox(value=d.edge_fill, label="Refill the background at the product's edge "
+                                            "(no rim of its colour)", elem_id="edge_fill")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Results", format="png", columns=2, buttons=["download", "fullscreen"],
                                      elem_id="results")
         product.change(_editor_background, product, editor)
         run.click(app.generate, [product, kind, mask_file, editor, category, reference, reference_mask, aspect,
-                                 guidance, steps, lambda_cg, lambda_pg, seed, num_images, keep_product], gallery)
+                                 guidance, steps, lambda_cg, lambda_pg, seed, num_images, keep_product,
+                                 edge_fill], gallery)
     return page
 
 

@@ -39,7 +39,15 @@ from bgjax.method.config import MethodConfig
 from bgjax.method.prompt_text import CategoryVocabulary, Prompt, PromptBuilder
 from bgjax.method.store import IDENTIFIERS_DIR, TORCH_PIPELINE, TORCH_PIPELINE_LOADER, identifier_tokens
 from bgjax.models.area import area_resize_matrix
-from bgjax.sampling.host import DEFAULT_PLACEMENT, ImageLike, Inputs, paste_back, to_uint8
+from bgjax.sampling.host import (
+    DEFAULT_PLACEMENT,
+    EDGE_FILL_ANISOTROPY,
+    EDGE_FILL_NEIGHBOURS,
+    ImageLike,
+    Inputs,
+    paste_back,
+    to_uint8,
+)
 
 
 def region_weight(region: dict, tokens: int) -> torch.Tensor:
@@ -95,6 +103,37 @@ class MaskedOutputAttnProcessor(_CrossAttention):
 def install(model: torch.nn.Module, processor: _CrossAttention) -> None:
     """`processor` on every attention layer of a UNet or ControlNet; self-attention passes through."""
     model.set_attn_processor(processor)
+
+
+def refill_edge(x: torch.Tensor, mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """bgjax's edge_fill (`bgjax.sampling.edge_fill.refill_edge`) on NCHW latents `x` (N, C, h, w) and the
+    product's mask (H, W): the cells holding any product pixel and their four neighbours refilled from the others,
+    each the structure-tensor-weighted mean of its eight neighbours (Jacobi, 2 max(h, w)^2 iterations)."""
+    cells = F.max_pool2d((mask > 0).float()[None, None], factor)[0, 0] > 0
+    p = F.pad(cells, (1, 1, 1, 1))
+    known = ~(cells | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:])
+    if not known.any():
+        return x
+    x = x.float()
+    gy = (x[:, :, 2:, 1:-1] - x[:, :, :-2, 1:-1]) / 2
+    gx = (x[:, :, 1:-1, 2:] - x[:, :, 1:-1, :-2]) / 2
+    inner = known[1:-1, 1:-1] & known[:-2, 1:-1] & known[2:, 1:-1] & known[1:-1, :-2] & known[1:-1, 2:]
+    jxx, jyy, jxy = ((a * b * inner).sum(dim=(1, 2, 3)) for a, b in ((gx, gx), (gy, gy), (gx, gy)))
+    theta = 0.5 * torch.atan2(2 * jxy, jxx - jyy)
+    coherence = torch.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / torch.clamp(jxx + jyy, min=1e-12)
+    d = torch.tensor(EDGE_FILL_NEIGHBOURS, dtype=torch.float32, device=x.device)
+    length = d.norm(dim=1)
+    across = (d[:, 0] * torch.sin(theta)[:, None] + d[:, 1] * torch.cos(theta)[:, None]) / length
+    weights = torch.exp(-EDGE_FILL_ANISOTROPY * coherence[:, None] * across ** 2) / length
+    weights = (weights / weights.sum(dim=1, keepdim=True))[:, :, None, None, None]
+    height, width = known.shape
+    z = torch.where(known, x, x[:, :, known].mean(-1)[..., None, None])
+    for _ in range(2 * max(height, width) ** 2):
+        p = F.pad(z, (1, 1, 1, 1), mode="replicate")
+        shifted = torch.stack([p[:, :, 1 + dy: 1 + dy + height, 1 + dx: 1 + dx + width]
+                               for dy, dx in EDGE_FILL_NEIGHBOURS], 1)
+        z = torch.where(known, x, (weights * shifted).sum(dim=1))
+    return z
 
 
 def _background_only(residual: torch.Tensor, region: dict) -> torch.Tensor:
@@ -218,8 +257,8 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                  prompt: str | None = None, negative_prompt: str = "", latents: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, size: int | None = None, width: int | None = None,
                  height: int | None = None, placement: Sequence[float] = DEFAULT_PLACEMENT,
-                 feather: int | None = None, keep_product: bool = False, output_type: str = "pil",
-                 return_dict: bool = True):
+                 feather: int | None = None, keep_product: bool = False, edge_fill: bool = False,
+                 output_type: str = "pil", return_dict: bool = True):
         """Ad images of the product, as `BackgroundPipeline(product, mask, category, reference, ...)` makes them.
 
         Inputs and canvas (`size`, or `width` x `height`; `placement`, `feather`) as in bgjax. `lambda_cg` /
@@ -229,8 +268,9 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         NCHW, scaled by the scheduler's initial sigma (else drawn from `generator`: other noise than bgjax's
         seeds, which are JAX's). `keep_product`: after every step the latent cells the product covers whole
         hold the VAE's encoding of the product, noised to the next timestep by `scheduler.add_noise` with the
-        initial latents as the noise (bgjax's `keep_product`). `output_type` "pil" or "np" ((N, H, W, 3) float32
-        in [0, 1])."""
+        initial latents as the noise (bgjax's `keep_product`). `edge_fill`: before decoding, the latents at the
+        product's edge are refilled from the background around them (bgjax's `edge_fill`, `refill_edge`).
+        `output_type` "pil" or "np" ((N, H, W, 3) float32 in [0, 1])."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
         prepared = self.inputs.prepare(product, mask, category, reference, reference_mask, size, placement, feather,
@@ -282,6 +322,8 @@ class BackgroundTorchPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 renoised = self.scheduler.add_noise(known, latents, timesteps[i + 1:i + 2]) \
                     if i + 1 < len(timesteps) else known
                 x = torch.where(covered, renoised.to(x.dtype), x)
+        if edge_fill:
+            x = refill_edge(x, rows(prepared.mask), self.vae_scale_factor).to(x.dtype)
         images = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
         images = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         out = paste_back(images, prepared)

@@ -209,6 +209,42 @@ def test_keep_product_holds_the_products_encoding_in_the_cells_it_covers(pipe, p
     assert np.abs(with_[0][~product].astype(int) - without[0][~product]).mean() > 1
 
 
+def test_edge_fill_refills_the_latents_at_the_products_edge_before_decoding(pipe, photo):
+    """edge_fill: the sampling is unchanged, then the latent cells holding product (and their neighbours) are
+    `refill_edge`'s fill of the final latents, the others as sampled, and those latents are what is decoded.
+    Through the pipeline the product's pixels stay the input's and the pixels beside it change."""
+    import jax.numpy as jnp
+
+    from bgjax.sampling import program
+    from bgjax.sampling.edge_fill import edge_cells, refill_edge
+
+    prepared = pipe.prepare(photo["image"], photo["mask"], "lamp")
+    factor, vae = pipe.models.vae_factor, pipe.models.vae
+    cells = np.asarray(edge_cells(jnp.asarray(prepared.mask)[None], factor))[0]
+    assert 0 < cells.sum() < cells.size
+
+    def sampled(edge_fill):
+        conditions = pipe._conditions(pipe.inputs.prompt(prepared, None), None, prepared.identifier_row,
+                                      prepared.mask, prepared.cg_cond, None, None, edge_fill)
+        settings = program.SamplingSettings("dpmpp_2m", STEPS, 7.5, 1.0)
+        return program.run(pipe.models, pipe.params, pipe.mesh, pipe.scheduler_config, settings, conditions, 2, 0)
+
+    (plain, _), (filled, images) = sampled(False), sampled(True)
+    np.testing.assert_allclose(filled[:, ~cells], plain[:, ~cells], rtol=1e-5, atol=1e-5)
+    expected = np.asarray(refill_edge(jnp.asarray(plain), jnp.asarray(prepared.mask)[None].repeat(2, 0), factor))
+    np.testing.assert_allclose(filled, expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(filled[:, cells] - plain[:, cells]).max() > 1e-2
+    decoded = vae.apply({"params": pipe.params["vae"]}, jnp.asarray(filled) / vae.config.scaling_factor
+                        + vae.config.shift_factor, method=vae.decode)
+    np.testing.assert_allclose(images, (np.clip(np.asarray(decoded), -1, 1) + 1) / 2, atol=1e-4)
+
+    run = lambda **kw: _arrays(pipe(photo["image"], photo["mask"], "lamp", num_images=1, steps=STEPS, **kw))  # noqa: E731
+    with_, without = run(edge_fill=True), run()
+    product = np.asarray(Image.fromarray(photo["mask"]).resize(with_.shape[2:0:-1])) > 0
+    np.testing.assert_array_equal(with_[0][product], without[0][product])
+    assert np.abs(with_[0][~product].astype(int) - without[0][~product]).mean() > 1
+
+
 def test_bad_inputs_name_the_problem(pipe, photo, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -384,7 +420,7 @@ def test_every_setting_keys_the_cache(model, pipe, tmp_path):
                "prompt": ["--prompt", "a {category}"], "negative_prompt": ["--negative-prompt", "dark"],
                "placement": ["--placement", "0.5", "0.5", "0.5"], "width": ["--width", "64"],
                "height": ["--height", "64"], "image_format": ["--format", "webp"], "quality": ["--quality", "80"],
-               "keep_product": ["--keep-product"]}
+               "keep_product": ["--keep-product"], "edge_fill": ["--edge-fill"]}
 
     def settings(argv: list[str], seed: int = 0, fingerprint: str = "m") -> GenerationSettings:
         args: argparse.Namespace = build_parser().parse_args(argv)

@@ -215,7 +215,7 @@ def test_the_handler_turns_bad_input_into_messages(bundled, tmp_path):
     app = App(bundled, Defaults(steps=2, num_images=1))
     settings = dict(kind=PHOTO, mask_file=None, editor=None, reference=None, reference_mask=None,
                     aspect="as uploaded", guidance=7.5, steps=2, lambda_cg=1.0, lambda_pg=1.0, seed=0, num_images=1,
-                    keep_product=True)
+                    keep_product=True, edge_fill=True)
     with pytest.raises(gr.Error, match="category 'teapot': this model knows coffee mug, desk lamp"):
         app.generate(str(PRODUCT), category="teapot", **settings)
     bomb = tmp_path / "huge.png"
@@ -230,12 +230,12 @@ def test_the_handler_turns_bad_input_into_messages(bundled, tmp_path):
         app.generate(str(PRODUCT), category="rice cooker", **{**settings, "mask_file": str(empty)})
 
 
-def test_the_keep_product_checkbox_reaches_the_pipeline(bundled):
-    """The page's settings, the checkbox included, arrive in the pipeline call (a handler that dropped it would
-    always generate with the pipeline's default, off)."""
+def test_the_keep_product_and_edge_fill_checkboxes_reach_the_pipeline(bundled):
+    """The page's settings, the checkboxes included, arrive in the pipeline call (a handler that dropped one
+    would always generate with the pipeline's default, off)."""
     calls = []
     app = App(bundled, Defaults(steps=2, num_images=1))
-    assert Defaults().keep_product  # the page starts with it on, as the demo runs
+    assert Defaults().keep_product and Defaults().edge_fill  # the page starts with them on, as the demo runs
 
     class Recorder:
         resolution = bundled.resolution
@@ -247,7 +247,7 @@ def test_the_keep_product_checkbox_reaches_the_pipeline(bundled):
     app.pipe = Recorder()
     settings = dict(kind=CUTOUT, mask_file=None, editor=None, reference=None, reference_mask=None,
                     aspect="as uploaded", guidance=7.5, steps=2, lambda_cg=1.0, lambda_pg=1.0, seed=3, num_images=1)
-    for keep in (True, False):
-        app.generate(str(PRODUCT), category="rice cooker", keep_product=keep, **settings)
-    assert [c["keep_product"] for c in calls] == [True, False]
+    for keep, fill in ((True, False), (False, True)):
+        app.generate(str(PRODUCT), category="rice cooker", keep_product=keep, edge_fill=fill, **settings)
+    assert [(c["keep_product"], c["edge_fill"]) for c in calls] == [(True, False), (False, True)]
     assert calls[0]["seed"] == 3 and calls[0]["steps"] == 2

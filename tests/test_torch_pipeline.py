@@ -83,11 +83,14 @@ def test_the_export_names_the_pipeline_diffusers_loads(exported, theirs, inputs)
     assert theirs.inputs.vocabulary.names == index["method"]["categories"]
 
 
-@pytest.mark.parametrize(("sampler", "style_guidance", "canvas", "keep_product"),
-                         [("dpmpp_2m", False, None, False), ("dpmpp_2m", True, None, False),
-                          ("euler", True, (64, 32), False), ("euler", False, None, True)],
-                         ids=["pg-in-both-passes", "style-guidance", "euler-64x32", "euler-keep-product"])
-def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_guidance, canvas, keep_product):
+@pytest.mark.parametrize(("sampler", "style_guidance", "canvas", "keep_product", "edge_fill"),
+                         [("dpmpp_2m", False, None, False, False), ("dpmpp_2m", True, None, False, False),
+                          ("euler", True, (64, 32), False, False), ("euler", False, None, True, False),
+                          ("dpmpp_2m", False, (64, 32), True, True)],
+                         ids=["pg-in-both-passes", "style-guidance", "euler-64x32", "euler-keep-product",
+                              "edge-fill-64x32"])
+def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_guidance, canvas, keep_product,
+                                           edge_fill):
     """Identifier, CG, PG, guidance mode and paste-back all agree within 1e-4 (images in [0, 1], product
     pasted back), on the same latents; and each part (identifier, CG, PG, the guidance mode) moves the images by
     ten times the tolerance or more, so a pipeline ignoring any of them fails. (Shown on the PyTorch side, where
@@ -95,7 +98,8 @@ def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_
     width, height = canvas or (None, None)
     latents = inputs["wide_latents"] if canvas else inputs["latents"]
     common = dict(reference=inputs["reference"], reference_mask=inputs["reference_mask"], width=width,
-                  height=height, style_guidance=style_guidance, keep_product=keep_product, output_type="np")
+                  height=height, style_guidance=style_guidance, keep_product=keep_product, edge_fill=edge_fill,
+                  output_type="np")
     want = ours(inputs["product"], inputs["mask"], "lamp", num_images=NUM, steps=STEPS, sampler=sampler,
                 latents=latents, **common)
     theirs.scheduler = SCHEDULERS[sampler].from_config(theirs.scheduler.config)  # as a diffusers user switches
@@ -111,7 +115,7 @@ def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_
           f"max abs {err:.2e}")
     assert got.shape == want.shape == (NUM, *((height, width) if canvas else (32, 32)), 3)
     assert err < 1e-4
-    if style_guidance or canvas or keep_product:
+    if style_guidance or canvas or keep_product or edge_fill:
         return
 
     def moved(**change) -> float:
@@ -121,6 +125,7 @@ def test_torch_pipeline_makes_bgjax_images(ours, theirs, inputs, sampler, style_
     assert moved(reference=None, reference_mask=None) > 1e-3
     assert moved(style_guidance=True) > 1e-3
     assert moved(keep_product=True) > 1e-3
+    assert moved(edge_fill=True) > 1e-3
     identifiers = theirs._identifier_ids
     try:  # the placeholder's own embedding instead of the category's identifier
         prompt = theirs.inputs.prompts("lamp")

@@ -60,7 +60,7 @@ def guidance_sweep(pipe: BackgroundPipeline, scales: list[float], steps: int) ->
             cutout = demo.cutout_path(category)
             mask = demo.placed_mask(pipe, np.asarray(Image.open(cutout))[..., 3])
             images = pipe(product=cutout, category=category, num_images=4, seed=0, steps=steps, guidance=guidance,
-                          keep_product=demo.KEEP_PRODUCT)
+                          keep_product=demo.KEEP_PRODUCT, edge_fill=demo.EDGE_FILL)
             stats = demo.row_statistics(images, mask)
             styles = stats["background_styles"]
             print(json.dumps({"what": "guidance", "guidance": guidance, "category": category,
@@ -78,7 +78,7 @@ def noise_mean(pipe: BackgroundPipeline, guidance: float, steps: int, num: int) 
         mask = demo.placed_mask(pipe, np.asarray(Image.open(cutout))[..., 3])
         for name, latents in (("as drawn", noise), ("mean removed", noise - noise.mean((1, 2), keepdims=True))):
             images = pipe(product=cutout, category=category, num_images=num, steps=steps, guidance=guidance,
-                          keep_product=demo.KEEP_PRODUCT, latents=latents)
+                          keep_product=demo.KEEP_PRODUCT, edge_fill=demo.EDGE_FILL, latents=latents)
             stats = demo.row_statistics(images, mask)
             print(json.dumps({"what": "noise", "noise": name, "category": category, "guidance": guidance,
                               "right": sum(s == category for s in stats["background_styles"]), "of": num,

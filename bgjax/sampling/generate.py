@@ -143,7 +143,8 @@ class _Run:
             lambda_cg=a.lambda_cg, lambda_pg=a.lambda_pg, style_guidance=bool(a.style_guidance), size=a.size,
             width=a.width, height=a.height, placement=tuple(a.placement) if a.placement else None, dtype=a.dtype,
             prompt=a.prompt, negative_prompt=self.pipe.unconditional(a.negative_prompt), seed=item.seed,
-            image_format=a.image_format, quality=a.quality, keep_product=bool(a.keep_product))
+            image_format=a.image_format, quality=a.quality, keep_product=bool(a.keep_product),
+            edge_fill=bool(a.edge_fill))
 
     def prepare(self, item: Item) -> Prepared:
         paths = {k: item.path(k) for k in _PATH_FIELDS}
@@ -173,7 +174,7 @@ class _Run:
                 images = self.pipe.generate(prepared, item.num_images, item.seed, a.steps, a.guidance, a.lambda_cg,
                                             a.lambda_pg, a.sampler, a.batch_size, a.style_guidance,
                                             prompt=a.prompt, negative_prompt=a.negative_prompt,
-                                            keep_product=a.keep_product)
+                                            keep_product=a.keep_product, edge_fill=a.edge_fill)
             self.write(item, prepared, images, outputs, settings, notes)
             self.items, self.images = self.items + 1, self.images + len(images)
         if self.args.contact_sheet:
@@ -193,7 +194,7 @@ class _Run:
             "prompt": prompt, "negative_prompt": settings.negative_prompt, "category": prepared.category,
             "seed": item.seed, "num_images": item.num_images, "model": str(Path(a.model).resolve()),
             "sampler": a.sampler, "steps": a.steps, "guidance": a.guidance, "style_guidance": a.style_guidance,
-            "keep_product": a.keep_product,
+            "keep_product": a.keep_product, "edge_fill": a.edge_fill,
             "lambda_cg": lambda_cg, "lambda_pg": lambda_pg,
             "dtype": a.dtype, "size": list(images[0].size), "placement": prepared.placement,
             "format": a.image_format, "quality": a.quality if a.image_format != "png" else None,

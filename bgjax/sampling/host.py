@@ -33,6 +33,12 @@ CANVAS_COLOUR = (255, 255, 255)
 DEFAULT_PLACEMENT = (0.6, 0.5, 0.5)
 # The paste-back feather of a photo's mask, as a fraction of the longer side (at least 1 px).
 FEATHER_FRACTION = 0.01
+# edge_fill's stencil (`bgjax.sampling.edge_fill`, and the PyTorch pipeline's): the fill's eight neighbours
+# (dy, dx), and how strongly it follows the background's orientation: a neighbour across the pattern weighs
+# e^(-EDGE_FILL_ANISOTROPY * coherence) of one along it. 60 continues the bundled model's stripes past the product
+# (an isotropic fill blurs them out near it and 3 of 16 desk-lamp backgrounds lose their style; 8 changes nothing).
+EDGE_FILL_NEIGHBOURS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+EDGE_FILL_ANISOTROPY = 60.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,10 +171,10 @@ class BackgroundPipeline:
 
     def _conditions(self, prompt: Prompt, negative_prompt: str | None, identifier_row: int, mask: np.ndarray,
                     cg_cond: np.ndarray | None, pg_cond: np.ndarray | None,
-                    known: np.ndarray | None = None) -> Conditions:
+                    known: np.ndarray | None = None, edge_fill: bool = False) -> Conditions:
         negative = self.unconditional(negative_prompt)
         return Conditions(prompt, self.inputs.negative("" if negative is None else negative), identifier_row, mask,
-                          cg_cond, pg_cond, zero_negative=negative is None, known=known)
+                          cg_cond, pg_cond, zero_negative=negative is None, known=known, edge_fill=edge_fill)
 
     @property
     def has_cg(self) -> bool:
@@ -207,7 +207,7 @@ class BackgroundPipeline:
                  sampler: str = "dpmpp_2m", batch_size: int | None = None,
                  style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str | None = None,
                  latents: np.ndarray | None = None, output_type: str = "pil",
-                 keep_product: bool = False) -> list[Image.Image] | np.ndarray:
+                 keep_product: bool = False, edge_fill: bool = False) -> list[Image.Image] | np.ndarray:
         """Images 0 .. num_images - 1 of `seed` for prepared inputs. Image k is the same whatever
         `num_images`, `batch_size` and the device count (up to float rounding).
 
@@ -227,7 +227,13 @@ class BackgroundPipeline:
         after every step (noised to the next timestep), as diffusers' inpainting pipelines keep the known
         region with a 4-channel UNet, instead of the UNet's own drawing of it: the latents at the product's
         edge then continue the real product, and fewer colours ring it after the paste-back (the bundled
-        model's halo: `bgjax demo`). Off by default, as in diffusers' ControlNet pipeline."""
+        model's halo: `bgjax demo`). Off by default, as in diffusers' ControlNet pipeline.
+
+        `edge_fill`: before decoding, the latent cells holding any of the product and their four neighbours are
+        refilled from the background around them (`edge_fill.refill_edge`), so the decoder does not spread the
+        product's colour into the background beside it; the product is pasted back over its own pixels. The
+        background within about two latent cells of the product is then a smooth continuation (no contact
+        shadow). Off by default; the bundled model's demo uses it (a small VAE's 4 x 4 pixel cells)."""
         _check_output_type(output_type)
         for note in self.warnings(prepared, lambda_cg, lambda_pg, prompt):
             warnings.warn(note, stacklevel=2)
@@ -237,7 +243,7 @@ class BackgroundPipeline:
             cg_cond = (cg_cond + prepared.mask[..., None]) / 2  # I * M with I in [0, 1]
         conditions = self._conditions(self.inputs.prompt(prepared, prompt), negative_prompt, prepared.identifier_row,
                                       prepared.mask, cg_cond, prepared.pg_cond if pg_scale is not None else None,
-                                      prepared.cg_cond if keep_product else None)
+                                      prepared.cg_cond if keep_product else None, edge_fill)
         settings = SamplingSettings(sampler, steps, guidance, cg_scale, pg_scale, 0.0 if style_guidance else None)
         _, images = program.run(self.models, self.params, self.mesh, self.scheduler_config, settings, conditions,
                                 num_images, seed, batch_size, latents)
@@ -290,7 +296,8 @@ class BackgroundPipeline:
                  feather: int | None = None, batch_size: int | None = None,
                  style_guidance: bool = False, *, prompt: str | None = None, negative_prompt: str | None = None,
                  latents: np.ndarray | None = None, width: int | None = None, height: int | None = None,
-                 output_type: str = "pil", keep_product: bool = False) -> list[Image.Image] | np.ndarray:
+                 output_type: str = "pil", keep_product: bool = False,
+                 edge_fill: bool = False) -> list[Image.Image] | np.ndarray:
         """`num_images` images of the product on generated backgrounds; see `prepare` (`host.Inputs.prepare`)
         for the inputs and the canvas (`size`, or `width` x `height`) and `generate` for the sampling
         arguments."""
@@ -298,7 +305,7 @@ class BackgroundPipeline:
                                 width=width, height=height)
         return self.generate(prepared, num_images, seed, steps, guidance, lambda_cg, lambda_pg, sampler, batch_size,
                              style_guidance, prompt=prompt, negative_prompt=negative_prompt, latents=latents,
-                             output_type=output_type, keep_product=keep_product)
+                             output_type=output_type, keep_product=keep_product, edge_fill=edge_fill)
 
 
 def _check_output_type(output_type: str) -> None:

@@ -31,6 +31,7 @@ from bgjax.method.text import IDENTIFIERS, TextEncoders
 from bgjax.models.region import Region
 from bgjax.models.unet import AddedCond
 from bgjax.sampling import memory
+from bgjax.sampling.edge_fill import refill_edge
 from bgjax.sampling.schedulers import Sampler, make_sampler
 
 _TRACES: collections.Counter = collections.Counter()
@@ -95,6 +96,8 @@ class Conditions:
     # (h, w, 3) in [-1, 1]: an image whose latents are kept in the latent cells the mask covers whole
     # (`sample`); None: every latent is generated
     known: np.ndarray | None = None
+    # the latents at the product's edge refilled from the background around them before decoding (`edge_fill`)
+    edge_fill: bool = False
 
     def prompt_arrays(self) -> dict[str, np.ndarray]:
         """Row 0 the conditional, row 1 the unconditional prompt."""
@@ -132,13 +135,15 @@ def time_ids(height: int, width: int) -> np.ndarray:
 def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed: jax.Array, indices: jax.Array,
            latents: jax.Array | None, mask: jax.Array, cg_cond: jax.Array | None, pg_cond: jax.Array | None,
            known: jax.Array | None, guidance: jax.Array, lambda_cg: jax.Array, lambda_pg: jax.Array,
-           lambda_pg_uncond: jax.Array) -> tuple[jax.Array, jax.Array]:
+           lambda_pg_uncond: jax.Array, edge_fill: bool = False) -> tuple[jax.Array, jax.Array]:
     """(final latents (B, h/f, w/f, C), images (B, h, w, 3) in [0, 1]) for the images `indices` (B,) of `seed`,
     or from `latents` (B, h/f, w/f, C) instead of the seeded noise; conditions are (B, h, w, ...). The prompts'
     row 0 is the conditional, row 1 the unconditional (negative) prompt. PG's residuals are scaled by
     `lambda_pg` in the conditional pass, by `lambda_pg_uncond` in the other. With a `known` image, the latent
     cells that `mask` covers whole hold its encoding after every step (noised to the next timestep with the
-    initial noise: `Sampler.renoised`), so the product's latents are the VAE's own, not the UNet's guess."""
+    initial noise: `Sampler.renoised`), so the product's latents are the VAE's own, not the UNet's guess. With
+    `edge_fill` the final latents at the product's edge are refilled from the background around them
+    (`edge_fill.refill_edge`) and those are the latents returned and decoded."""
     _TRACES["sample"] += 1  # runs only while tracing
     vae_cfg, factor = models.vae.config, models.vae_factor
     batch, height, width = mask.shape
@@ -187,6 +192,8 @@ def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed:
         return (x, state), None
 
     (x, _), _ = jax.lax.scan(step, (x, sampler.init_state(x)), jnp.arange(sampler.num_inference_steps))
+    if edge_fill:
+        x = refill_edge(x, mask, factor)
     images = models.vae.apply({"params": params["vae"]}, x / vae_cfg.scaling_factor + vae_cfg.shift_factor,
                               method=models.vae.decode)
     return x, (jnp.clip(images.astype(jnp.float32), -1, 1) + 1) / 2
@@ -195,8 +202,8 @@ def _sample(models: Models, sampler: Sampler, params: dict, prompts: dict, seed:
 # XLA's CPU backend compiles the sampling program in 28 to 32 % less time at LLVM optimisation level 1 than at its
 # default, to the same images bit for bit and no slower per call (tools/bench_cpu_compile.py, the bundled model at
 # 64 and 256 px); GPUs and TPUs compile with their defaults.
-sample = jax.jit(_sample, static_argnames=("models", "sampler"))
-sample_on_cpu = jax.jit(_sample, static_argnames=("models", "sampler"),
+sample = jax.jit(_sample, static_argnames=("models", "sampler", "edge_fill"))
+sample_on_cpu = jax.jit(_sample, static_argnames=("models", "sampler", "edge_fill"),
                         compiler_options={"xla_backend_optimization_level": 1})
 
 
@@ -247,7 +254,8 @@ def run(models: Models, params: dict, mesh: Mesh, scheduler_config: dict, settin
         indices = jax.device_put(np.arange(start, start + padded, dtype=np.int32), batched)
         try:
             x, out = program(models, sampler, params, prompts, np.uint32(seed), indices, given, put(conditions.mask),
-                             put(conditions.cg_cond), put(conditions.pg_cond), put(conditions.known), *scalars)
+                             put(conditions.cg_cond), put(conditions.pg_cond), put(conditions.known), *scalars,
+                             edge_fill=conditions.edge_fill)
             xs.append(np.asarray(x)[:n])
             images.append(np.asarray(out)[:n])
         except jax.errors.JaxRuntimeError as e:

@@ -57,6 +57,7 @@ class GenerationSettings:
     image_format: str = "png"
     quality: int = 95
     keep_product: bool = False
+    edge_fill: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
