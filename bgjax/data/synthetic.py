@@ -92,10 +92,14 @@ def _background(style: int, size: int, tone: float, rng: np.random.Generator) ->
     base = np.asarray(base_rgb, np.float64) + rng.uniform(-12, 12, 3)
     yy, xx = (np.mgrid[:size, :size] + 0.5) / size
     jitter, phase = rng.uniform(0.85, 1.15), rng.uniform(0, 1)
+
+    def stripes(position: np.ndarray, cycles: int) -> np.ndarray:  # hard-edged bands across `position`
+        return 0.78 + 0.22 * np.sign(np.sin(2 * np.pi * (position * cycles * jitter + phase)))
+
     if kind == "vertical_stripes":
-        shade = 0.78 + 0.22 * np.sign(np.sin(2 * np.pi * (xx * 5 * jitter + phase)))
+        shade = stripes(xx, 5)
     elif kind == "horizontal_stripes":
-        shade = 0.78 + 0.22 * np.sign(np.sin(2 * np.pi * (yy * 8 * jitter + phase)))
+        shade = stripes(yy, 8)
     elif kind == "soft_noise":
         grid = int(rng.integers(6, 11))
         noise = Image.fromarray(rng.integers(0, 256, (grid, grid), dtype=np.uint8))
@@ -106,7 +110,7 @@ def _background(style: int, size: int, tone: float, rng: np.random.Generator) ->
         n = 6 * jitter
         shade = 0.8 + 0.2 * ((np.floor(yy * n + phase) + np.floor(xx * n + phase)) % 2)
     else:  # diagonal stripes
-        shade = 0.78 + 0.22 * np.sign(np.sin(2 * np.pi * ((xx + yy) * 5 * jitter + phase)))
+        shade = stripes(xx + yy, 5)
     colour = base * shade[..., None]
     colour = colour * (1 + _DARKEN * tone) if tone < 0 else colour + (255 - colour) * _LIGHTEN * tone
     return np.clip(colour, 0, 255).astype(np.uint8)
