@@ -28,17 +28,18 @@ def demo(tmp_path_factory) -> dict:
 
 def test_demo_backgrounds_follow_the_category(demo):
     """CG gives each category its own background, by the classifier that recognises the training data's
-    styles (chance: 1/6). Issue 18 asks 22 of the 24 plain outputs and every category 3 of 4; the bundled
-    model gives 20 on the demo's seeds (14 steps, edge_fill; table fan 1, desk lamp 3, the rest 4) and 90 of 96
-    on 16 other seeds per category (table fan 12, water bottle 14, the rest 16): this holds it to at least 20
-    and every category at 1 or more (the model before it, whose rice cooker had a vertical gradient: 21 on
-    these seeds but 77 of 96 on the others, rice cooker 2 of 16; the one before that 19, rice cooker 0)."""
+    styles (chance: 1/6). Issue 18's target: 22 of the 24 plain outputs and every category 3 of 4. The bundled
+    model, trained without horizontal flips, gives 22 on the demo's seeds at guidance 10 (desk lamp 3, water
+    bottle 3, the rest 4; at guidance 7.5 21, desk lamp 2) and 90 of 96 on 16 other seeds per category (seed 2:
+    water bottle 10, the rest 16; seed 1 also 90). The model before it (flipped crops: its table fan drawn
+    along both diagonals) gives 20 here at 7.5 and 21 at 10, table fan 1 and 2, and fails; the one before that
+    21 with its rice cooker at 2 of 16 elsewhere."""
     rows = [r for r in demo["results"] if "reference_tone" not in r]
     assert [r["category"] for r in rows] == list(CATEGORIES)
     right = demo["measures"]["styles_right"]
     assert right == {r["category"]: sum(s == r["category"] for s in r["background_styles"]) for r in rows}
     styles = [(r["category"], r["background_styles"]) for r in rows]
-    assert sum(right.values()) >= 20 and min(right.values()) >= 1, styles
+    assert sum(right.values()) >= 22 and min(right.values()) >= 3, styles
 
 
 def test_demo_reference_carries_its_style_and_tone(demo):
@@ -63,8 +64,8 @@ def test_demo_products_halo(demo):
     """The ring of colour around the products (synthetic.halo, per row the mean over its outputs, above the
     synthetic ground truth's own level for its style) are at most issue 18's target, the demo's stated margin
     0.06 (the small VAE's own round trip of ground-truth images adds 0.03 to 0.06). With edge_fill the
-    bundled model's rows are at most 0.022 above; without it 0.105 (coffee mug), and the model before that
-    0.115."""
+    bundled model's rows are at most 0.033 above; without it a model bundled earlier was 0.105 above (coffee
+    mug), and the one before that 0.115."""
     measures = demo["measures"]
     assert measures["halo_margin"] == 0.06
     truth = demo["ground_truth_halo"]

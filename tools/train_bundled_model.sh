@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces bgjax/assets/tiny_model, the model `bgjax demo` uses: synthetic data, then the VAE,
 # the text-to-image UNet, CG (stage 1) and PG (stage 2), each with `bgjax train`. 2-core CPU: 75 min on one of this
-# project's VMs, 117 min on a slower one (the VAE 33 min, the UNet 34, CG 18, PG 30).
+# project's VMs, 113 to 117 min on a slower one (the VAE 33 min, the UNet 30 to 34, CG 18, PG 30 to 32).
 set -euo pipefail
 RUNS=${RUNS:-runs}
 [ -f "$RUNS/synthetic64/manifest.json" ] || bgjax data synthetic --out "$RUNS/synthetic64" --num 2000 --size 64 --seed 0
