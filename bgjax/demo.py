@@ -37,7 +37,7 @@ GROUND_TRUTH_SAMPLES = 16  # synthetic images per category whose halo is the gro
 # How the rows are generated: classifier-free guidance, PG's weight (lambda_pg) in the reference rows, the
 # product's own latents kept (`BackgroundPipeline.generate`'s keep_product: a third less halo here) and the
 # latents at its edge refilled before decoding (edge_fill: the rows' halos from up to 0.105 above the ground
-# truth's to at most 0.022 on the model bundled before this one, the same styles).
+# truth's to at most 0.022 on an earlier bundled model, with the same styles right).
 # Guidance 10: the demo's seeds give 22 of 24 styles (desk lamp 3 of 4) at 10 and 21 (desk lamp 2) at 7.5; over
 # 192 other images (seeds 1 and 2, 16 per category) the two are level, 180 and 179 right, so the choice moves the
 # demo's own rows by one image and nothing else measured.
